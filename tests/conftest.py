@@ -1,0 +1,36 @@
+import os, shutil
+from pathlib import Path
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / 'shared' / 'data'
+
+
+@pytest.fixture(scope='session')
+def tiny():
+    "The shared flowers17-tiny set (CUB layout, 5 classes, 30 train / 20 test, 20 unlabelled)."
+    p = SHARED / 'flowers17-tiny'
+    if not p.exists(): pytest.skip(f"needs the project's shared sample data at {p} (see shared/data/README.md)")
+    return p
+
+
+@pytest.fixture(scope='session')
+def birds(tmp_path_factory):
+    "A small built-in toy-bird set (so the suite means something without ../shared)."
+    from fgssl_nb.toybirds import make_toybirds
+    return make_toybirds(tmp_path_factory.mktemp('birds') / 'toybirds', n_per_class=4, n_unlabeled=6, size=64)
+
+
+@pytest.fixture(autouse=True)
+def _cache_home(tmp_path_factory, monkeypatch):
+    "Keep generated default data out of the user's home during tests."
+    monkeypatch.setenv('FGSSL_HOME', str(tmp_path_factory.getbasetemp() / 'fgssl_home'))
+
+
+def tiny_rows(tiny):
+    "(relative path, 0-based label, is_train) of flowers17-tiny, read straight from its files."
+    rd = lambda f: dict(l.split(maxsplit=1) for l in (tiny / f).read_text().splitlines() if l.strip())
+    imgs, labs, split = rd('images.txt'), rd('image_class_labels.txt'), rd('train_test_split.txt')
+    classes = [n for _, n in sorted((int(k), v) for k, v in rd('classes.txt').items())]
+    return [(imgs[i], int(labs[i]) - 1, split[i] == '1') for i in imgs], classes
