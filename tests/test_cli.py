@@ -11,25 +11,31 @@ def run(*args, **kw):
 
 
 def test_demo_end_to_end(tiny, tmp_path):
-    r = run('fgssl_demo', '--data', tiny, '--out', tmp_path / 'run', '--size', 32, '--bs', 4)
+    "The main job on real data: summary, grids, a (1-epoch) pretraining, its evaluation and the random floor, the table."
+    r = run('fgssl_demo', '--data', tiny, '--out', tmp_path / 'run', '--size', 32, '--bs', 8, '--epochs', 1)
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / 'run' / 'data_summary.json').read_text())
     assert (s['n_labeled'], s['n_train'], s['n_test'], s['n_unlabeled'], len(s['classes'])) == (50, 30, 20, 20, 5)
     for f in ('batch_labeled.png', 'batch_ssl.png'): assert (tmp_path / 'run' / f).stat().st_size > 1000
     assert '5 classes, 50 labelled images (30 train / 20 test), 20 unlabelled' in r.stdout
+    rows = json.loads((tmp_path / 'run' / 'results.json').read_text())
+    assert [x['name'] for x in rows] == ['byol (1 ep)', 'random init']
+    for x in rows: assert all(0 <= x[k] <= 1 for k in ('linear_top1', 'knn_top1', 'retrieval_rank1', 'retrieval_rank5', 'retrieval_map'))
+    assert (tmp_path / 'run' / 'results.md').read_text().startswith('| method | linear top-1')
+    assert '| random init |' in r.stdout
 
 
 def test_demo_keeps_existing_files(birds, tmp_path):
     out = tmp_path / 'run'; out.mkdir(); (out / 'metrics.json').write_text('{"keep": 1}')
-    r = run('fgssl_demo', '--data', birds, '--out', out, '--size', 32, '--bs', 4)
+    r = run('fgssl_demo', '--data', birds, '--out', out, '--size', 32, '--bs', 4, '--epochs', 1)
     assert r.returncode == 0, r.stderr
     assert (out / 'metrics.json').read_text() == '{"keep": 1}'
 
 
 @pytest.mark.parametrize('args,msg', [
     (['--data', '/no/such/folder'], 'error: data folder /no/such/folder does not exist'),
-    (['--size', '0'], 'error: --size must be at least 8 px, got 0'),
-    (['--layout', 'coco', '--data', '/tmp'], "error: unknown layout 'coco'"),
+    (['--size', '0'], 'error: --size must be at least 16 px, got 0'),
+    (['--method', 'swav'], "error: unknown method 'swav'"),
 ])
 def test_demo_bad_arguments(args, msg, tmp_path):
     r = run('fgssl_demo', '--out', tmp_path / 'x', *args)

