@@ -165,3 +165,15 @@ def test_cli_bad_arguments(tmp_path, args, msg):
     assert r.returncode == 2, (r.returncode, r.stderr[-500:])
     assert r.stderr.strip().splitlines()[-1].startswith(msg.replace('{tmp}', str(tmp_path))), r.stderr[-500:]
     assert 'Traceback' not in r.stderr
+
+
+def test_nan_in_bf16_leaves_no_autocast_behind(birds, tmp_path):
+    learn = _learner(birds, 'simclr', tmp_path, precision='bf16'); learn.add_cb(MakeNaN())
+    with pytest.raises(FloatingPointError): pretrain(learn, 3, run_dir=tmp_path, progress=False)
+    assert not torch.is_autocast_enabled('cpu')
+
+
+def test_small_pool_bad_bs_one_line(birds, tmp_path):
+    cmd = [str(BIN / 'fgssl_pretrain'), '--data', str(birds), '--out', str(tmp_path / 'x'), '--bs', '64', '--size', '32', '--workers', '0']
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and 'fewer than one batch of 64; lower --bs' in r.stderr and 'Traceback' not in r.stderr

@@ -93,7 +93,8 @@ def test_cars_devkit_and_all_in_one(tiny, tmp_path):
     savemat(root / 'devkit' / 'cars_meta.mat', {'class_names': names[None]})
     savemat(root / 'devkit' / 'cars_train_annos.mat', {'annotations': _struct(tr, f6)[None]})
     savemat(root / 'cars_test_annos_withlabels.mat', {'annotations': _struct(te, f6)[None]})
-    ds = read_dataset(root)
+    assert read_dataset(root).boxes is None  # full images unless asked (the CUB reader's default too)
+    ds = read_dataset(root, crop_to_box=True)
     assert ds.layout == 'cars' and ds.classes == list(names)
     assert (ds.is_train.sum(), (~ds.is_train).sum()) == (30, 20)
     assert ds.labels.tolist() == [r['class'] - 1 for r in tr + te]
