@@ -12,8 +12,8 @@ from fastcore.script import call_parse, Param, store_true
 from .data import read_dataset, labeled_dls, ssl_dls, ImageError, READERS
 
 # %% auto #0
-__all__ = ['EVAL_PROTOCOLS', 'METRIC_COLS', 'die', 'save_batch_grid', 'data_summary', 'pretrain_run', 'fgssl_pretrain',
-           'evaluate_run', 'fgssl_eval', 'results_table', 'demo', 'fgssl_demo']
+__all__ = ['EVAL_PROTOCOLS', 'METRIC_COLS', 'die', 'save_batch_grid', 'data_summary', 'pretrain_run', 'parse_kw',
+           'fgssl_pretrain', 'evaluate_run', 'fgssl_eval', 'results_table', 'demo', 'fgssl_demo']
 
 # %% ../nbs/40_cli.ipynb #cd34b558
 def die(msg: str):
@@ -67,32 +67,59 @@ def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18',
                  progress: bool | None = None, **method_kwargs):
     "Pretrain `method` on `data` into run folder `out` (see `fgssl_pretrain`); returns the Learner."
     from fastai.torch_core import set_seed
-    from fgssl_nb.learner import ssl_learner, pretrain, get_method
+    from fgssl_nb.learner import ssl_learner, pretrain, get_method, TRAINERS
     get_method(method)  # fail early on a typo
     out = Path(out); _check_run_dir(out, resume)
     if resume and (out / 'config.json').exists():  # a resumed run keeps its own settings
         cfg = json.loads((out / 'config.json').read_text())
         method, data, arch, size, bs, seed, views = (cfg[k] for k in ('method', 'data', 'arch', 'size', 'bs', 'seed', 'views'))
         pretrained, precision, epochs = cfg['pretrained'], cfg['precision_asked'], cfg['epochs']
-        lr = cfg['lr']
+        lr, method_kwargs = cfg['lr'], cfg.get('method_kwargs', method_kwargs)
     ds = read_dataset(data)
     set_seed(seed)
+    config = dict(method=method, data=str(data), arch=arch, pretrained=pretrained, size=size, bs=bs, seed=seed, views=views,
+                  precision_asked=precision, workers=workers, method_kwargs=method_kwargs)
+    if method in TRAINERS:  # a GAN or a supervised baseline: its own Learner, the same run folder
+        print(f"training {method} ({arch}, {size}px, batch {bs}) for {epochs} epochs -> {out}")
+        return TRAINERS[method](ds, out, arch=arch, pretrained=pretrained, size=size, bs=bs, epochs=epochs, lr=lr, seed=seed,
+                                resume=resume, precision=precision, workers=workers, progress=progress, config=config,
+                                views=views, **method_kwargs)
     dls = ssl_dls(ds, size=size, bs=bs, seed=seed, num_workers=workers)
     kdls = labeled_dls(ds, size=size, bs=bs, num_workers=workers) if knn else None
     learn = ssl_learner(dls, method, arch=arch, pretrained=pretrained, views=views, precision=precision,
                         knn_dls=kdls, run_dir=out, **method_kwargs)
-    config = dict(method=method, data=str(data), arch=arch, pretrained=pretrained, size=size, bs=bs, seed=seed, views=views,
-                  precision_asked=precision, workers=workers, method_kwargs=method_kwargs, n_pretext=len(dls.train.dataset))
+    config['n_pretext'] = len(dls.train.dataset)
     print(f"pretraining {method} ({arch}, {size}px, batch {bs}, {learn.precision}) on {len(dls.train.dataset)} images for {epochs} epochs -> {out}")
     return pretrain(learn, epochs, lr=lr, run_dir=out, resume=resume, config=config, progress=progress)
 
+def parse_kw(pairs) -> dict:
+    "`['alpha=0.5', 'criterion=gradcam']` -> `{'alpha': 0.5, 'criterion': 'gradcam'}` (numbers, booleans, tuples parsed)."
+    import ast
+    out = {}
+    for p in pairs or ():
+        k, sep, v = p.partition('=')
+        if not sep or not k.isidentifier(): raise ValueError(f"--kw expects key=value pairs, got {p!r}")
+        try: out[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError): out[k] = v  # a plain word: keep it as a string
+    return out
+
+def _method_kwargs(criterion=None, alpha=None, nu=None, k=None, kw=None) -> dict:
+    "The method options given on the command line (absent ones keep the method's defaults)."
+    d = {n: v for n, v in dict(criterion=criterion, alpha=alpha, nu=nu, k=k).items() if v is not None}
+    if criterion is not None and criterion not in ('variance', 'gradcam', 'both'):
+        raise ValueError(f"--criterion must be variance, gradcam or both, got {criterion!r}")
+    if isinstance(k, float) and not (0 < k < 1) and k != int(k): raise ValueError(f"--k must be a count or a fraction in (0, 1), got {k}")
+    if k is not None and float(k) == int(k) and k >= 1: d['k'] = int(k)
+    return {**d, **parse_kw(kw)}
+
 @call_parse
-def fgssl_pretrain(method: Param("SSL method: simclr, moco, simsiam, byol", str) = 'simclr',
+def fgssl_pretrain(method: Param("SSL method: simclr, moco, simsiam, byol, jigsaw, synth-moco, synth-simsiam; "
+                                 "trainers: srgan, supervised, pmg (see fgssl_nb.learner.method_names())", str) = 'simclr',
                    data: Param("data folder (CUB, Aircraft, Cars, Flowers-102 or class folders), or 'default' (toy birds)", str) = 'default',
                    arch: Param("encoder: resnet18, resnet50, efficientnet_lite0, or a timm name", str) = 'resnet18',
                    pretrained: Param("start from ImageNet weights (offline: efficientnet_lite0 only)", store_true) = False,
                    size: Param("image size in px", int) = 64,
-                   bs: Param("batch size (images; each gives 2 views)", int) = 64,
+                   bs: Param("batch size in images (each gives 2 views; 9 tiles for jigsaw)", int) = 64,
                    epochs: Param("epochs", int) = 20,
                    lr: Param("peak learning rate (default: the method's)", float) = None,
                    seed: Param("random seed (same seed, same numbers on the CPU)", int) = 0,
@@ -101,14 +128,20 @@ def fgssl_pretrain(method: Param("SSL method: simclr, moco, simsiam, byol", str)
                    views: Param("view pipeline (default: the method's); see fgssl_nb.augment", str) = None,
                    precision: Param("auto (bf16 where the hardware is fast at it), fp32 (exact), bf16, fp16 (CUDA)", str) = 'auto',
                    workers: Param("DataLoader workers (default: min(4, cores))", int) = None,
-                   no_knn: Param("skip the per-epoch k-NN monitor", store_true) = False):
-    "Pretrain an encoder with a self-supervised method; writes a run folder."
+                   no_knn: Param("skip the per-epoch k-NN monitor", store_true) = False,
+                   criterion: Param("synth-*: non-discriminative dims by variance, gradcam or both", str) = None,
+                   alpha: Param("synth-*: weight of the reconstruction loss L_R", float) = None,
+                   nu: Param("synth-*: weight of the synthesized-pair loss L_Cp", float) = None,
+                   k: Param("synth-*: number (>= 1) or fraction (< 1) of feature dims perturbed", float) = None,
+                   kw: Param("more method options as key=value, e.g. --kw n_blocks=4 dropout=0.5", str, nargs='*') = None):
+    "Pretrain an encoder with a self-supervised method (or a baseline trainer); writes a run folder."
     _check_train_args(size, bs, epochs)
-    try: pretrain_run(method, data, arch, pretrained, size, bs, epochs, lr, seed, out, resume, views, precision, workers, not no_knn)
+    try: pretrain_run(method, data, arch, pretrained, size, bs, epochs, lr, seed, out, resume, views, precision, workers,
+                      not no_knn, **_method_kwargs(criterion, alpha, nu, k, kw))
     except _user_errors() as e: die(str(e))
 
 # %% ../nbs/40_cli.ipynb #d87b3646
-EVAL_PROTOCOLS = ('linear', 'knn', 'retrieval', 'finetune', 'label_efficiency')
+EVAL_PROTOCOLS = ('linear', 'knn', 'retrieval', 'finetune', 'label_efficiency', 'head')
 
 def _merge_json(f: Path, new: dict) -> dict:
     old = json.loads(f.read_text()) if f.exists() else {}
@@ -152,18 +185,22 @@ def evaluate_run(run_dir=None, data=None, protocols=('linear', 'knn', 'retrieval
     t0 = time.perf_counter()
     le = 'label_efficiency' in protocols
     protos = tuple(dict.fromkeys([p for p in protocols if p != 'label_efficiency'] + (['linear'] if le else [])))
-    frozen = tuple(p for p in protos if p != 'finetune')
+    frozen = tuple(p for p in protos if p not in ('finetune', 'head'))
     m, feats = evaluate_encoder(enc, ds, size=size, bs=bs, protocols=frozen, num_workers=workers, return_features=True)
     m = {k: float(v) for k, v in m.items() if np.isscalar(v)}
     _merge_json(out / 'metrics.json', dict(m, **desc, data=str(data), size=size))  # saved before the slower protocols
     if le: m.update(_label_efficiency(feats, out, desc['method']))
     if 'finetune' in protos: m.update({k: float(v) for k, v in evaluate_encoder(enc, ds, size=size, bs=bs, protocols=('finetune',), num_workers=workers).items()})
+    if 'head' in protos:  # SPEC's SRGAN downstream: frozen generator (or discriminator) + conv/fc head with dropout
+        if getattr(enc, 'arch', None) not in ('srgan_g', 'srgan_d'): raise ValueError(f"--protocols head is the SRGAN classifier; this encoder is {enc.arch}")
+        from fgssl_nb.srgan import srgan_head_eval
+        m['head_top1'] = srgan_head_eval(enc, ds, size=size, seed=seed, num_workers=workers)['head_top1']
     return _merge_json(out / 'metrics.json', dict(m, **desc, data=str(data), size=size, eval_seconds=round(time.perf_counter() - t0, 1)))
 
 @call_parse
 def fgssl_eval(run_dir: Param("run folder written by fgssl_pretrain", str, nargs='?', opt=False) = None,
                data: Param("data folder (default: the run's own data)", str) = None,
-               protocols: Param("any of: linear knn retrieval finetune label_efficiency", str, nargs='+') = ('linear', 'knn', 'retrieval'),
+               protocols: Param("any of: linear knn retrieval finetune label_efficiency head (head: SRGAN's dropout classifier)", str, nargs='+') = ('linear', 'knn', 'retrieval'),
                encoder: Param("evaluate a baseline instead of a run: random or imagenet", str) = None,
                arch: Param("architecture of the --encoder baseline", str) = 'resnet18',
                size: Param("image size in px (default: the run's)", int) = None,
@@ -195,8 +232,8 @@ def results_table(rows: list[dict]) -> str:
 
 # %% ../nbs/40_cli.ipynb #d83657f3
 def demo(data='default', out='runs/demo', method: str = 'byol', epochs: int = 20, size: int = 64, bs: int = 64,
-         seed: int = 0, precision: str = 'auto', resume: bool = False) -> list[dict]:
-    "The main job: data summary, pretrain `method`, evaluate it and the random-init floor, print the table."
+         seed: int = 0, precision: str = 'auto', resume: bool = False, supervised: bool = True) -> list[dict]:
+    "The main job: data summary, pretrain `method`, evaluate it, a supervised reference and the random-init floor, print the table."
     out = Path(out)
     ds = read_dataset(data)
     data_summary(ds, out, size)
@@ -204,8 +241,14 @@ def demo(data='default', out='runs/demo', method: str = 'byol', epochs: int = 20
     if resume and (run / 'encoder.pth').exists(): print(f"{run}: pretraining already done, reusing it")
     else: pretrain_run(method, data, size=size, bs=bs, epochs=epochs, seed=seed, out=run, precision=precision,
                        resume=resume and (run / 'checkpoint.pth').exists())
-    rows = [dict(evaluate_run(run), name=f'{method} ({epochs} ep)'),
-            dict(evaluate_run(encoder='random', arch='resnet18', data=data, size=size, seed=seed, out=out / 'random'), name='random init')]
+    rows = [dict(evaluate_run(run), name=f'{method} ({epochs} ep)')]
+    if supervised:  # the reference with labels: the same ResNet-18 trained on the labelled train split
+        sup = out / 'supervised'
+        if not (sup / 'encoder.pth').exists():
+            pretrain_run('supervised', data, size=size, bs=bs, epochs=epochs, seed=seed, out=sup, precision=precision,
+                         resume=(sup / 'checkpoint.pth').exists(), progress=False)
+        rows.append(dict(evaluate_run(sup), name=f'supervised ({epochs} ep, labels)'))
+    rows.append(dict(evaluate_run(encoder='random', arch='resnet18', data=data, size=size, seed=seed, out=out / 'random'), name='random init'))
     table = results_table(rows)
     (out / 'results.md').write_text(table + '\n'); (out / 'results.json').write_text(json.dumps(rows, indent=1))
     print(table)
@@ -220,8 +263,9 @@ def fgssl_demo(data: Param("data folder, or 'default' for the built-in toy birds
                bs: Param("batch size", int) = 64,
                seed: Param("random seed", int) = 0,
                precision: Param("auto, fp32, bf16", str) = 'auto',
-               resume: Param("continue an interrupted demo in --out", store_true) = False):
+               resume: Param("continue an interrupted demo in --out", store_true) = False,
+               no_supervised: Param("skip the supervised reference row", store_true) = False):
     "The main job: show the data, pretrain an SSL method, evaluate it against a random-init encoder."
     _check_train_args(size, bs, epochs)
-    try: demo(data, out, method, epochs, size, bs, seed, precision, resume)
+    try: demo(data, out, method, epochs, size, bs, seed, precision, resume, not no_supervised)
     except _user_errors() as e: die(str(e))

@@ -20,10 +20,11 @@ from fastai.vision.all import (DataBlock, TransformBlock, CategoryBlock, PILImag
 from .toybirds import make_toybirds
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'AIRCRAFT_LEVELS', 'FLOWERS102_NAMES', 'READERS', 'MIN_SIDE', 'IMAGENET_MEAN', 'IMAGENET_STD',
-           'DATASET_URLS', 'FGDataset', 'image_files', 'read_cub', 'read_aircraft', 'read_cars', 'read_flowers102',
-           'read_imagefolder', 'detect_layout', 'read_dataset', 'ImageError', 'load_image', 'ImageRef', 'LoadImage',
-           'verify_images', 'RefLabel', 'ssl_dls', 'labeled_dls', 'normalize', 'denormalize', 'download_dataset']
+__all__ = ['IMAGE_EXTS', 'AIRCRAFT_LEVELS', 'FLOWERS102_NAMES', 'READERS', 'MIN_SIDE', 'CACHE_LIMIT_BYTES', 'IMAGENET_MEAN',
+           'IMAGENET_STD', 'DATASET_URLS', 'FGDataset', 'image_files', 'read_cub', 'read_aircraft', 'read_cars',
+           'read_flowers102', 'read_imagefolder', 'detect_layout', 'read_dataset', 'ImageError', 'load_image',
+           'ImageRef', 'LoadImage', 'verify_images', 'RefLabel', 'ssl_dls', 'labeled_dls', 'normalize', 'denormalize',
+           'download_dataset']
 
 # %% ../nbs/00_data.ipynb #896ec5f1
 IMAGE_EXTS = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm'}
@@ -389,10 +390,21 @@ class ImageRef:
     def __repr__(self): return f"ImageRef({str(self.path)!r}, box={self.box}, label={self.label})"
 
 class LoadImage(Transform):
-    "Load an `ImageRef` as a `PILImage` of `size` px (see `load_image`)."
-    def __init__(self, size: int, trim_bottom: int = 0, resize: str = 'crop'): store_attr()
+    "Load an `ImageRef` as a `PILImage` of `size` px (see `load_image`); with `cache`, each image is decoded once."
+    def __init__(self, size: int, trim_bottom: int = 0, resize: str = 'crop', cache: bool = False):
+        store_attr(); self.memo = {}
     def encodes(self, r: ImageRef) -> PILImage:
-        return PILImage(load_image(r.path, self.size, r.box, self.trim_bottom, self.resize))
+        if not self.cache: return PILImage(load_image(r.path, self.size, r.box, self.trim_bottom, self.resize))
+        key = (r.path, r.box)
+        if key not in self.memo: self.memo[key] = np.asarray(load_image(r.path, self.size, r.box, self.trim_bottom, self.resize))
+        return PILImage(Image.fromarray(self.memo[key]))
+
+CACHE_LIMIT_BYTES = 2 ** 30  # 'auto' keeps decoded images in memory when they fit in 1 GiB
+
+def _use_cache(cache, n: int, size: int) -> bool:
+    if cache == 'auto': return n * size * size * 3 <= CACHE_LIMIT_BYTES
+    if not isinstance(cache, bool): raise ValueError(f"cache must be True, False or 'auto', got {cache!r}")
+    return cache
 
 def verify_images(paths, deep: bool = False, min_side: int = MIN_SIDE):
     "Raise `ImageError` naming the unreadable images among `paths` (`deep`: decode fully, else read headers only)."
@@ -415,33 +427,39 @@ class RefLabel(Transform):
     def __init__(self, classes): self.classes = list(classes)
     def encodes(self, r: ImageRef) -> str: return self.classes[r.label]
 
-def _dls(items, size, bs, n_valid, ds, labels, seed, num_workers, device, verify, resize, **kw):
+def _dls(items, size, bs, n_valid, ds, labels, seed, num_workers, device, verify, resize, cache='auto', **kw):
     if verify: verify_images([r.path for r in items], deep=verify == 'deep')
     rng = np.random.default_rng(seed)
     valid = list(range(len(items) - n_valid, len(items))) if labels is not None else rng.permutation(len(items))[:n_valid].tolist()
     img = TransformBlock(batch_tfms=IntToFloatTensor)  # like ImageBlock, but LoadImage already makes the PILImage
     blocks = (img, CategoryBlock(vocab=list(ds.classes), sort=False)) if labels is not None else (img,)
-    getters = [LoadImage(size, ds.trim_bottom, resize)]
+    cached = _use_cache(cache, len(items), size)
+    getters = [LoadImage(size, ds.trim_bottom, resize, cache=cached)]
     if labels is not None: getters.append(RefLabel(ds.classes))
     dblock = DataBlock(blocks=blocks, getters=getters, splitter=IndexSplitter(valid), n_inp=1,
 )
-    nw = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
+    # decoded once and kept: after the first epoch a batch is an array lookup, which worker processes would only slow
+    # down (and each worker would hold its own copy); otherwise decode in min(4, cores) workers
+    nw = (0 if cached else min(4, os.cpu_count() or 1)) if num_workers is None else num_workers
     kw.setdefault('persistent_workers', nw > 0)  # passed to fastai's loader (fastai still makes a worker iterator per epoch)
     return dblock.dataloaders(items, bs=bs, num_workers=nw, device=device or default_device(), seed=seed, **kw)
 
 def ssl_dls(ds: FGDataset, size: int = 64, bs: int = 64, valid_pct: float = 0.1, seed: int = 0,
-            num_workers: int | None = None, device=None, verify: str | None = 'header', resize: str = 'crop', **kwargs):
-    "Unlabelled DataLoaders over the train split + unlabelled images (labels ignored), `valid_pct` held out."
+            num_workers: int | None = None, device=None, verify: str | None = 'header', resize: str = 'crop',
+            cache: bool | str = 'auto', **kwargs):
+    "Unlabelled DataLoaders over the train split + unlabelled images (labels ignored), `valid_pct` held out; `cache`: see `labeled_dls`."
     if not 0 <= valid_pct < 1: raise ValueError(f"valid_pct must be in [0, 1), got {valid_pct}")
     items = _refs(ds, ds.train_idxs, False) + [ImageRef(p) for p in ds.unlabeled]
     if not items: raise ValueError(f"{ds.root}: no train or unlabelled images to pretrain on")
     n_train = len(items) - int(round(valid_pct * len(items)))
     if n_train < bs: raise ValueError(f"{ds.root}: the pretext pool has {n_train} training images, fewer than one batch of {bs}; lower --bs")
-    return _dls(items, size, bs, int(round(valid_pct * len(items))), ds, None, seed, num_workers, device, verify, resize, **kwargs)
+    return _dls(items, size, bs, int(round(valid_pct * len(items))), ds, None, seed, num_workers, device, verify, resize, cache, **kwargs)
 
 def labeled_dls(ds: FGDataset, size: int = 64, bs: int = 64, valid='test', seed: int = 0,
-                num_workers: int | None = None, device=None, verify: str | None = 'header', resize: str = 'crop', **kwargs):
-    "Labelled DataLoaders: train split -> `train`; `valid='test'` uses the test split, a float carves that fraction off train."
+                num_workers: int | None = None, device=None, verify: str | None = 'header', resize: str = 'crop',
+                cache: bool | str = 'auto', **kwargs):
+    """Labelled DataLoaders: train split -> `train`; `valid='test'` uses the test split, a float carves that fraction off train.
+    `cache`: keep decoded images in memory (`'auto'`: when they fit in `CACHE_LIMIT_BYTES`; then no worker processes)."""
     tr = ds.train_idxs
     if valid == 'test': va = ds.test_idxs
     elif isinstance(valid, float) and 0 < valid < 1:
@@ -449,7 +467,7 @@ def labeled_dls(ds: FGDataset, size: int = 64, bs: int = 64, valid='test', seed:
         n = max(1, int(round(valid * len(tr)))); va, tr = np.sort(perm[:n]), np.sort(perm[n:])
     else: raise ValueError(f"valid must be 'test' or a fraction in (0, 1), got {valid!r}")
     items = _refs(ds, np.concatenate([tr, va]), True)
-    return _dls(items, size, bs, len(va), ds, True, seed, num_workers, device, verify, resize, **kwargs)
+    return _dls(items, size, bs, len(va), ds, True, seed, num_workers, device, verify, resize, cache, **kwargs)
 
 # %% ../nbs/00_data.ipynb #0d393976
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

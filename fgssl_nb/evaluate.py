@@ -14,6 +14,7 @@ from .data import FGDataset, labeled_dls, normalize  # first: it silences fastai
 from torch.utils.data import DataLoader as TorchDataLoader, SequentialSampler
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader as FastaiDataLoader
+from fastai.callback.core import Callback, TrainEvalCallback
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
@@ -22,9 +23,11 @@ from fastai.torch_core import params, set_seed
 import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle)
 
 # %% auto #0
-__all__ = ['WD_GRID', 'PROTOCOLS', 'eval_dl', 'eval_mode', 'extract_features', 'standardize', 'fit_logistic', 'stratified_split',
-           'linear_probe', 'knn_classify', 'knn_top1', 'retrieval_metrics', 'few_shot_indices', 'label_efficiency',
-           'plot_label_efficiency', 'Normalized', 'num_features', 'fine_tune', 'evaluate_features', 'evaluate_encoder']
+__all__ = ['WD_GRID', 'TRAIN_LAYERS', 'PROTOCOLS', 'eval_dl', 'eval_mode', 'extract_features', 'standardize', 'fit_logistic',
+           'stratified_split', 'linear_probe', 'knn_classify', 'knn_top1', 'retrieval_metrics', 'few_shot_indices',
+           'label_efficiency', 'plot_label_efficiency', 'Normalized', 'num_features', 'resnet_stages', 'split_encoder',
+           'FrozenEval', 'train_labels', 'balanced_class_weights', 'make_head', 'fine_tune', 'evaluate_features',
+           'evaluate_encoder']
 
 # %% ../nbs/30_eval.ipynb #a3c93ed7
 def eval_dl(dls: DataLoaders, split: str = 'valid') -> FastaiDataLoader:
@@ -259,31 +262,84 @@ def num_features(encoder: nn.Module, x: torch.Tensor | None = None) -> int:
     if x is None: raise ValueError("the encoder has no `num_features` attribute; pass a sample batch to measure it")
     with eval_mode(encoder), torch.no_grad(): return encoder(normalize(x[:2].to(_device_of(encoder)))).flatten(1).shape[1]
 
-def _encoder_head_split(model: nn.Module) -> list:
-    "Two parameter groups for discriminative learning rates: the (normalised) encoder, then the head."
-    return [params(model[0]), params(model[2])]
+# %% ../nbs/30_eval.ipynb #dd061644
+TRAIN_LAYERS = ('all', 'layer3+4', 'layer4', 'none')
+_RESNET_NAMES = ('conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4')
+
+def resnet_stages(encoder: nn.Module) -> list[nn.Module]:
+    "The 8 top-level stages of a ResNet encoder: conv1, bn1, relu, maxpool, layer1..layer4 (fastai `create_body` order)."
+    body = getattr(encoder, 'body', encoder)
+    if all(hasattr(body, n) for n in _RESNET_NAMES): return [getattr(body, n) for n in _RESNET_NAMES]  # a torchvision ResNet
+    kids = list(body.children())
+    is_layer = lambda m: isinstance(m, nn.Sequential) and len(m) > 0 and type(m[0]).__name__ in ('BasicBlock', 'Bottleneck')
+    if len(kids) >= 8 and isinstance(kids[0], nn.Conv2d) and all(is_layer(k) for k in kids[4:8]): return kids[:8]
+    raise ValueError(f"train_layers='layer4' or 'layer3+4' needs a ResNet encoder (an `Encoder` whose body has the stages "
+                     f"conv1, bn1, relu, maxpool, layer1..layer4); got {type(body).__name__}: use train_layers='all' or 'none'")
+
+def split_encoder(encoder: nn.Module, train_layers: str = 'all') -> tuple[list[nn.Module], list[nn.Module]]:
+    "`(trainable, frozen)` parts of `encoder` for `train_layers`: 'all', 'layer3+4', 'layer4' or 'none' (frozen encoder)."
+    if train_layers not in TRAIN_LAYERS: raise ValueError(f"train_layers must be one of {TRAIN_LAYERS}, got {train_layers!r}")
+    if train_layers == 'all': return [encoder], []
+    if train_layers == 'none': return [], [encoder]
+    stages, n = resnet_stages(encoder), 1 if train_layers == 'layer4' else 2
+    return stages[-n:], stages[:-n]
+
+class FrozenEval(Callback):
+    "Put the frozen `modules` back in eval mode after fastai's `model.train()`: their BatchNorm statistics stay put, dropout off."
+    order = TrainEvalCallback.order + 1
+    def __init__(self, modules: Sequence[nn.Module]): self.frozen = list(modules)
+    def before_train(self):
+        for m in self.frozen: m.eval()
+
+def train_labels(dls: DataLoaders) -> torch.Tensor:
+    "The class index of every item of the train split of labelled `dls` (read from the labels, without loading images)."
+    tls = getattr(dls.train_ds, 'tls', None)
+    if tls is not None and len(tls) > getattr(dls.train_ds, 'n_inp', 1): return torch.tensor([int(t) for t in tls[-1]])
+    return torch.tensor([int(b[1]) for b in dls.train_ds])
+
+def balanced_class_weights(labels, n_classes: int | None = None) -> torch.Tensor:
+    "Weights `N / (C * n_c)` for class c with `n_c` of `N` items: rare classes up-weighted, every class the same total weight."
+    labels = torch.as_tensor(labels).long().flatten()
+    c = int(n_classes if n_classes is not None else labels.max() + 1)
+    counts = torch.bincount(labels, minlength=c).double()
+    return (len(labels) / (c * counts.clamp_min(1))).float()
+
+def make_head(d: int, c: int, head: str | nn.Module = 'linear', hidden: int = 256, dropout: float = 0.5) -> nn.Module:
+    "A classifier on `d` features for `c` classes: 'linear', 'mlp' (Linear d->hidden, ReLU, Dropout, Linear hidden->c) or a module."
+    if isinstance(head, nn.Module): return head
+    if head == 'linear': return nn.Linear(d, c)
+    if head == 'mlp': return nn.Sequential(nn.Linear(d, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, c))
+    raise ValueError(f"head must be 'linear', 'mlp' or an nn.Module, got {head!r}")
 
 def fine_tune(encoder: nn.Module, dls: DataLoaders, epochs: int = 5, lr: float = 1e-3, encoder_lr_mult: float = 0.1,
               freeze_epochs: int = 0, wd: float = 1e-4, opt_func: Callable = Adam, n_classes: int | None = None,
-              cbs: list | None = None, seed: int | None = 0, verbose: bool = False,
-              return_learner: bool = False) -> float | tuple[float, Learner]:
-    "Fine-tune a copy of `encoder` + a linear head with a fastai `Learner`; returns the last-epoch top-1 on `dls.valid` (and the Learner)."
+              cbs: list | None = None, seed: int | None = 0, verbose: bool = False, return_learner: bool = False,
+              train_layers: str = 'all', class_weights: str | torch.Tensor | None = None, head: str | nn.Module = 'linear',
+              head_hidden: int = 256, head_dropout: float = 0.5) -> float | tuple[float, Learner]:
+    "Fine-tune a copy of `encoder` (the `train_layers` of it) + a new head with a fastai `Learner`; returns the last-epoch top-1 on `dls.valid` (and the Learner)."
     if seed is not None: set_seed(seed, reproducible=True)
     enc = copy.deepcopy(encoder)
+    trainable, frozen = split_encoder(enc, train_layers)
+    for m in frozen: m.requires_grad_(False)  # on the parameters; out of the optimiser too (below)
     c = n_classes if n_classes is not None else dls.c
-    body = Normalized(enc)
     d = enc.num_features if getattr(enc, 'num_features', None) is not None else num_features(enc, _plain(dls.one_batch()[0]))
-    head = nn.Linear(int(d), c)
-    model = nn.Sequential(body, nn.Flatten(), head)
-    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=opt_func, metrics=accuracy, wd=wd,
-                    splitter=_encoder_head_split, cbs=cbs)
+    model = nn.Sequential(Normalized(enc), nn.Flatten(), make_head(int(d), c, head, head_hidden, head_dropout))
+    if isinstance(class_weights, str):
+        if class_weights != 'balanced': raise ValueError(f"class_weights must be 'balanced', a tensor or None, got {class_weights!r}")
+        class_weights = balanced_class_weights(train_labels(dls), c)
+    if class_weights is not None:
+        class_weights = torch.as_tensor(class_weights, dtype=torch.float32, device=dls.device or 'cpu')
+        if class_weights.shape != (c,): raise ValueError(f"class_weights needs one weight per class ({c}), got shape {tuple(class_weights.shape)}")
+    splitter = lambda m: ([[p for t in trainable for p in t.parameters()]] if trainable else []) + [params(m[2])]
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(weight=class_weights), opt_func=opt_func, metrics=accuracy,
+                    wd=wd, splitter=splitter, cbs=list(cbs or []) + ([FrozenEval(frozen)] if frozen else []))
     with contextlib.ExitStack() as stack:
         if not verbose: stack.enter_context(learn.no_bar()); stack.enter_context(learn.no_logging())
-        if freeze_epochs:
-            learn.freeze()
+        if freeze_epochs:  # the head alone first (with a frozen encoder, there is nothing else to train anyway)
+            if trainable: learn.freeze()
             learn.fit_one_cycle(freeze_epochs, lr)
         learn.unfreeze()
-        if epochs: learn.fit_one_cycle(epochs, slice(lr * encoder_lr_mult, lr))
+        if epochs: learn.fit_one_cycle(epochs, slice(lr * encoder_lr_mult, lr) if trainable else lr)
         top1 = float(learn.validate()[1])
     return (top1, learn) if return_learner else top1
 

@@ -22,15 +22,17 @@ from .models import SSLModel, create_encoder, ssl_splitter, Encoder
 from .bench import cpu_has_bf16
 
 # %% auto #0
-__all__ = ['METHODS', 'SSLCallback', 'DeviceMixedPrecision', 'resolve_precision', 'EmbeddingStd', 'KNNMonitor', 'NaNGuard',
-           'atomic_save', 'RunCheckpoint', 'RunCSVLogger', 'resume_from_checkpoint', 'register_method', 'get_method',
-           'ssl_learner', 'save_encoder', 'load_encoder', 'pretrain']
+__all__ = ['METHODS', 'TRAINERS', 'METHOD_MODULES', 'SSLCallback', 'DeviceMixedPrecision', 'resolve_precision', 'EmbeddingStd',
+           'KNNMonitor', 'NaNGuard', 'atomic_save', 'RunCheckpoint', 'RunCSVLogger', 'resume_from_checkpoint',
+           'register_method', 'register_trainer', 'get_method', 'method_options', 'method_names', 'ssl_learner',
+           'save_encoder', 'load_encoder', 'pretrain']
 
 # %% ../nbs/03_learner.ipynb #d7a41021
 class SSLCallback(Callback):
     "Base of the SSL methods: makes views before each batch and provides the loss. Subclasses set `loss`."
     order, run_valid = 5, True
     name = 'ssl'
+    moms = None  # one-cycle momentum range (fastai's default cycles 0.95-0.85-0.95); SGD methods fix it at 0.9
     def __init__(self, views: list, valid_seed: int = 12345):
         self.pipelines, self.valid_seed = list(views), valid_seed
 
@@ -38,6 +40,9 @@ class SSLCallback(Callback):
     @classmethod
     def make_model(cls, encoder: Encoder, dls=None, **kwargs) -> SSLModel: raise NotImplementedError
     def loss(self, pred: torch.Tensor, *yb) -> torch.Tensor: raise NotImplementedError
+    def extra_callbacks(self) -> list:
+        "More callbacks the method needs next to itself (a wrapper such as the synthesized pairs of `synth` adds one)."
+        return []
 
     # --- shared machinery
     def before_fit(self):
@@ -128,6 +133,11 @@ def _rng_state(learn) -> dict:
                 numpy=np.random.get_state(), python=random.getstate(),
                 dls=[dl.rng.getstate() for dl in learn.dls.loaders])
 
+def _scaler(learn):
+    "The fp16 GradScaler of a mixed-precision run, or None (bf16 and fp32 need none)."
+    s = getattr(learn, 'scaler', None)
+    return s if s is not None and s.is_enabled() else None
+
 def _set_rng_state(learn, s: dict):
     torch.set_rng_state(s['torch'].cpu())  # RNG states must be CPU byte tensors, whatever map_location did
     if s['cuda'] is not None and torch.cuda.is_available(): torch.cuda.set_rng_state_all([t.cpu() for t in s['cuda']])
@@ -148,9 +158,13 @@ class RunCheckpoint(Callback):
         if not torch.isfinite(torch.as_tensor(self.learn.recorder.losses[-1] if self.learn.recorder.losses else 0.)): return
         sl = self.learn.recorder.smooth_loss
         atomic_save(dict(model=self.learn.model.state_dict(), opt=self.learn.opt.state_dict(), epoch=self.epoch,
-                         n_epoch=self.n_epoch, rng=_rng_state(self.learn), smooth_loss=(sl.val, sl.count)),
+                         n_epoch=self.n_epoch, rng=_rng_state(self.learn), smooth_loss=(sl.val, sl.count),
+                         scaler=_scaler(self.learn).state_dict() if _scaler(self.learn) else None),
                     self.run_dir / 'checkpoint.pth')
         self.learn.epochs_done = self.epoch + 1
+    def before_fit(self):  # after MixedPrecision (10) made the scaler: a resumed fp16 run keeps its loss scale
+        st = getattr(self.learn, '_resume_scaler', None)
+        if st and _scaler(self.learn): _scaler(self.learn).load_state_dict(st)
     def before_train(self):
         # resuming: carry on fastai's smoothed training loss, which a new `fit` would restart from zero
         if self.epoch == getattr(self.learn, 'resume_epoch', 0) and getattr(self.learn, '_resume_smooth', None):
@@ -179,19 +193,28 @@ def resume_from_checkpoint(learn, run_dir) -> int:
     if learn.opt is None: learn.create_opt()
     learn.opt.load_state_dict(ck['opt'])
     _set_rng_state(learn, ck['rng'])
-    learn._resume_smooth = ck.get('smooth_loss')
+    learn._resume_smooth, learn._resume_scaler = ck.get('smooth_loss'), ck.get('scaler')
     return ck['epoch'] + 1
 
 # %% ../nbs/03_learner.ipynb #e1af9f48
 METHODS: dict = {}
+TRAINERS: dict = {}
+METHOD_MODULES = ('simclr', 'moco', 'simsiam', 'byol', 'jigsaw', 'synth', 'srgan', 'supervised')
 
 def register_method(cls):
     "Class decorator: make an `SSLCallback` subclass available to `ssl_learner` under `cls.name`."
     METHODS[cls.name] = cls; return cls
 
+def register_trainer(name: str):
+    """Decorator for methods that are not one `SSLCallback` on `ssl_learner` (a GAN, a supervised baseline):
+    `fn(ds, out, *, arch, pretrained, size, bs, epochs, lr, seed, resume, precision, workers, progress, **kw) -> Learner`
+    trains into run folder `out` (config.json, log.csv, checkpoint.pth, encoder.pth, as `pretrain` writes them)."""
+    def _reg(fn): TRAINERS[name] = fn; return fn
+    return _reg
+
 def _load_methods():
     import importlib
-    for m in ('simclr', 'moco', 'simsiam', 'byol'):
+    for m in METHOD_MODULES:
         try: importlib.import_module(f'fgssl_nb.{m}')
         except ModuleNotFoundError as e:
             if e.name != f'fgssl_nb.{m}': raise
@@ -201,20 +224,41 @@ def get_method(name: str):
     _load_methods()
     import fgssl_nb.learner as _lib
     METHODS.update(_lib.METHODS)  # the package's registry (a notebook session has its own `METHODS` too)
-    if name not in METHODS: raise ValueError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}")
+    TRAINERS.update(_lib.TRAINERS)
+    if name in TRAINERS: return TRAINERS[name]
+    if name not in METHODS: raise ValueError(f"unknown method {name!r}; choose from {', '.join(method_names())}")
     return METHODS[name]
+
+def method_options(cls) -> set[str]:
+    "The keyword options a method class accepts: its model arguments and its callback's constructor arguments."
+    import inspect
+    names = set(getattr(cls, 'model_args', ()))
+    for k in cls.__mro__:
+        if issubclass(k, SSLCallback) and '__init__' in vars(k):
+            names |= {n for n, p in inspect.signature(vars(k)['__init__']).parameters.items()
+                      if n not in ('self', 'views') and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return names
+
+def method_names() -> list[str]:
+    "Every method `fgssl_pretrain --method` accepts."
+    _load_methods()
+    import fgssl_nb.learner as _lib
+    return sorted({**METHODS, **TRAINERS, **_lib.METHODS, **_lib.TRAINERS})
 
 def ssl_learner(dls, method: str = 'simclr', arch: str = 'resnet18', pretrained: bool = False, size: int | None = None,
                 views: str | None = None, precision: str = 'auto', channels_last: bool = True, knn_dls=None,
                 run_dir=None, opt_func=None, wd: float | None = None, **method_kwargs) -> Learner:
     "A fastai `Learner` pretraining `arch` with SSL `method` on the (unlabelled) `dls`."
     cls = get_method(method)
+    if method in TRAINERS: raise ValueError(f"{method!r} has its own trainer: use fgssl_nb.cli.pretrain_run or fgssl_nb.learner.TRAINERS[{method!r}]")
+    bad = set(method_kwargs) - method_options(cls)
+    if bad: raise ValueError(f"{method} has no option {', '.join(sorted(bad))}; its options: {', '.join(sorted(method_options(cls)))}")
     size = size or dls.one_batch()[0].shape[-1]
     encoder = create_encoder(arch, pretrained=pretrained)
     model = cls.make_model(encoder, dls, **{k: v for k, v in method_kwargs.items() if k in cls.model_args})
     cb = cls(cls.default_views(size, views), **{k: v for k, v in method_kwargs.items() if k not in cls.model_args})
     dev = dls.device or torch.device('cpu')
-    cbs = [cb, NaNGuard()]
+    cbs = [cb, *cb.extra_callbacks(), NaNGuard()]
     prec = resolve_precision(precision, dev)
     if prec != 'fp32': cbs.append(DeviceMixedPrecision(amp_mode=prec))
     if channels_last and prec != 'fp32': cbs.append(ChannelsLast())
@@ -226,12 +270,15 @@ def ssl_learner(dls, method: str = 'simclr', arch: str = 'resnet18', pretrained:
         import weakref
         learn.metrics = [EmbeddingStd(), ValueMetric(KNNMonitor(weakref.ref(learn), knn_dls), 'knn_top1')]
     learn.precision, learn.method, learn.ssl_cb = prec, method, cb
+    learn.default_lr = cls.lr
+    if cls.moms is not None: learn.moms = cls.moms  # fastai's one-cycle reads `learn.moms`
     return learn
 
 # %% ../nbs/03_learner.ipynb #6dbbabdd
 def save_encoder(encoder: Encoder, path, **meta):
     "Save an encoder's weights with what is needed to rebuild it (`load_encoder`)."
-    atomic_save(dict(arch=encoder.arch, num_features=encoder.num_features, state_dict=encoder.state_dict(), meta=meta), Path(path))
+    atomic_save(dict(arch=encoder.arch, arch_kwargs=getattr(encoder, 'arch_kwargs', {}), num_features=encoder.num_features,
+                     state_dict=encoder.state_dict(), meta=meta), Path(path))
 
 def load_encoder(path) -> Encoder:
     "Rebuild an encoder saved by `save_encoder`."
@@ -239,7 +286,7 @@ def load_encoder(path) -> Encoder:
     if not f.exists(): raise FileNotFoundError(f"{f} does not exist: no trained encoder here (run fgssl_pretrain first)")
     try: ck = torch.load(f, map_location='cpu', weights_only=False)
     except Exception as e: raise ValueError(f"{f}: unreadable encoder file ({type(e).__name__}: {e})") from e
-    enc = create_encoder(ck['arch'], pretrained=False)
+    enc = create_encoder(ck['arch'], pretrained=False, **ck.get('arch_kwargs', {}))
     enc.load_state_dict(ck['state_dict'])
     return enc
 
@@ -259,7 +306,7 @@ def pretrain(learn: Learner, epochs: int, lr: float | None = None, run_dir=None,
     if progress is None: progress = sys.stdout.isatty() or _in_notebook()
     run_dir = Path(run_dir or learn.path); run_dir.mkdir(parents=True, exist_ok=True)
     learn.path = run_dir
-    lr = lr or learn.ssl_cb.lr
+    lr = lr or getattr(learn, 'default_lr', None) or learn.ssl_cb.lr
     start = 0
     if resume:
         start = resume_from_checkpoint(learn, run_dir)
@@ -281,5 +328,7 @@ def pretrain(learn: Learner, epochs: int, lr: float | None = None, run_dir=None,
                                  f"The last good checkpoint is kept in {run_dir / 'checkpoint.pth'}; lower the learning rate or use --precision fp32")
     if learn.epochs_done < epochs:
         print(f"stopped after epoch {learn.epochs_done} of {epochs}; continue with resume=True (--resume)")
-    else: save_encoder(learn.model.encoder, run_dir / 'encoder.pth', method=learn.method, epochs=epochs)
+    else:  # a method whose model has no `.encoder` (a GAN) says what to export with `learn.export_encoder()`
+        enc = learn.export_encoder() if hasattr(learn, 'export_encoder') else learn.model.encoder
+        save_encoder(enc, run_dir / 'encoder.pth', method=learn.method, epochs=epochs)
     return learn

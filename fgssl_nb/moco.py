@@ -40,7 +40,8 @@ class KeyQueue(nn.Module):
 @register_method
 class MoCo(SSLCallback):
     "MoCo v2: query encoder + momentum key encoder, InfoNCE against a queue of negatives."
-    name, lr, wd, opt_func = 'moco', 0.03 * 64 / 256, 1e-4, partial(SGD, mom=0.9)
+    name, lr, wd, opt_func = 'moco', 0.03 * 64 / 256, 1e-4, partial(SGD, mom=0.9, decouple_wd=False)
+    moms = (0.9, 0.9, 0.9)  # the paper's SGD: fixed momentum, L2 weight decay (fastai's one-cycle would cycle it)
     model_args = ('proj_hidden', 'proj_dim', 'queue_size')
     def __init__(self, views, temperature: float = 0.2, momentum: float = 0.99, symmetric: bool = False, **kwargs):
         super().__init__(views, **kwargs)

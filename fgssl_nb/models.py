@@ -9,8 +9,8 @@ import torch, torch.nn as nn, torch.nn.functional as F
 from .data import IMAGENET_MEAN, IMAGENET_STD
 
 # %% auto #0
-__all__ = ['TORCHVISION_ARCHS', 'Encoder', 'WeightsUnavailable', 'TFInput', 'available_archs', 'create_encoder', 'mlp',
-           'momentum_copy', 'ema_update', 'cosine_momentum', 'SSLModel', 'ssl_splitter']
+__all__ = ['TORCHVISION_ARCHS', 'ENCODERS', 'Encoder', 'WeightsUnavailable', 'TFInput', 'available_archs', 'register_encoder',
+           'create_encoder', 'mlp', 'momentum_copy', 'ema_update', 'cosine_momentum', 'SSLModel', 'ssl_splitter']
 
 # %% ../nbs/02_models.ipynb #3439e050
 class Encoder(nn.Module):
@@ -80,14 +80,37 @@ def _timm_body(arch: str, pretrained: bool) -> tuple[nn.Module, int]:
 def available_archs() -> list[str]:
     "Architecture names `create_encoder` accepts here (timm names too, when timm is installed)."
     extra = ['timm:<name>'] if _has('timm') else []
-    return list(TORCHVISION_ARCHS) + ['efficientnet_lite0'] + extra
+    _load_encoder_modules()
+    return list(TORCHVISION_ARCHS) + ['efficientnet_lite0'] + sorted(ENCODERS) + extra
 
 def _has(mod: str) -> bool:
     import importlib.util
     return importlib.util.find_spec(mod) is not None
 
-def create_encoder(arch: str = 'resnet18', pretrained: bool = False) -> Encoder:
-    "An `Encoder` for `arch` (torchvision ResNet, 'efficientnet_lite0', or a timm name), ImageNet weights if `pretrained`."
+ENCODERS: dict = {}
+
+def register_encoder(name: str):
+    """Decorator: `fn(pretrained=False, **arch_kwargs) -> nn.Module` becomes `create_encoder(name, ...)`.
+    The module maps (B, 3, H, W) to (B, `num_features`) and carries `num_features`, `arch` and `arch_kwargs`
+    (what `load_encoder` passes back to rebuild it): how the SRGAN generator or a Jigsaw trunk become encoders."""
+    def _reg(fn): ENCODERS[name] = fn; return fn
+    return _reg
+
+def _load_encoder_modules():
+    import importlib
+    for m in ('srgan', 'jigsaw', 'supervised', 'synth'):  # modules that register encoders (absent ones are skipped)
+        try: importlib.import_module(f'fgssl_nb.{m}')
+        except ModuleNotFoundError as e:
+            if e.name != f'fgssl_nb.{m}': raise
+
+def create_encoder(arch: str = 'resnet18', pretrained: bool = False, **arch_kwargs) -> nn.Module:
+    "An `Encoder` for `arch` (torchvision ResNet, 'efficientnet_lite0', a timm name, or a registered encoder), ImageNet weights if `pretrained`."
+    if arch not in TORCHVISION_ARCHS and arch != 'efficientnet_lite0' and not arch.startswith('timm:'):
+        _load_encoder_modules()
+        import fgssl_nb.models as _lib
+        ENCODERS.update(_lib.ENCODERS)  # a notebook session has its own registry too
+        if arch in ENCODERS: return ENCODERS[arch](pretrained=pretrained, **arch_kwargs)
+    if arch_kwargs: raise ValueError(f"{arch} takes no extra arguments, got {sorted(arch_kwargs)}")
     if arch in TORCHVISION_ARCHS: body, nf = _torchvision_body(arch, pretrained)
     elif arch == 'efficientnet_lite0': body, nf = _LiteBody(_lite_model(pretrained)), 1280
     elif arch.startswith('timm:') or (_has('timm') and arch in __import__('timm').list_models()):

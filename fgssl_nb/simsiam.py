@@ -26,7 +26,8 @@ def simsiam_loss(p1, p2, z1, z2) -> torch.Tensor:
 @register_method
 class SimSiam(SSLCallback):
     "SimSiam: projector + predictor, symmetric negative cosine with stop-gradient."
-    name, lr, wd, opt_func = 'simsiam', 0.05 * 64 / 256, 5e-4, partial(SGD, mom=0.9)
+    name, lr, wd, opt_func = 'simsiam', 0.05 * 64 / 256, 5e-4, partial(SGD, mom=0.9, decouple_wd=False)
+    moms = (0.9, 0.9, 0.9)  # the paper's SGD: fixed momentum, L2 weight decay
     model_args = ('proj_dim', 'pred_hidden')
     @classmethod
     def make_model(cls, encoder: Encoder, dls=None, proj_dim: int = 2048, pred_hidden: int | None = None) -> SSLModel:

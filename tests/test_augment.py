@@ -138,7 +138,7 @@ def test_blur_matches_torchvision_and_scales_with_size():
 def test_pipelines_shape_dtype_range_and_normalisation():
     x = torch.rand(6, 3, 40, 40)
     for name in VIEWS:
-        for p in get_views(name, 32, n=1 if name != 'byol' else 2):
+        for p in get_views(name, 32):  # both pipelines of the pair recipes (byol, the fine-grained variants)
             p.norm = False
             torch.manual_seed(0); raw = p(x)
             assert raw.shape == (6, 3, 32, 32) and raw.dtype == torch.float32
@@ -184,7 +184,7 @@ def test_make_views_and_registry():
     x = torch.rand(4, 3, 32, 32)
     assert len(make_views(x, moco_views(16))) == 2 and len(make_views(x, moco_views(16), n=3)) == 3
     assert len(make_views(x, byol_views(16), n=4)) == 4
-    assert set(VIEWS) == {'simclr', 'moco', 'simsiam', 'byol'}
+    assert set(VIEWS) == {'simclr', 'moco', 'simsiam', 'byol', 'gamma', 'dropout', 'regions', 'patchswap', 'dcl', 'jigsaw'}
     b1, b2 = get_views('byol', 16)
     assert (b1.name, b2.name) == ('byol1', 'byol2')
     s = get_views('simclr', 16)
@@ -231,3 +231,220 @@ def test_cuda_views_match_cpu_views():
         for a, b in zip(vc, vh):
             assert a.device.type == 'cuda'
             torch.testing.assert_close(a.cpu(), b, atol=2e-3, rtol=0)
+
+
+# --- fine-grained variants (system 1) ---------------------------------------------------------------------------
+from fgssl_nb.augment import (tile_shuffle, random_tile_perms, local_tile_perms, RandGamma, CoarseDropout, CroppedRegion,
+                              RandPatchSwap, RandJigsaw, LocalJigsaw, variant_views)
+
+
+def _slow_tile_shuffle(x, n, perms):
+    "Reference: copy input tile perms[b, j] to output place j, one tile at a time; leftover strips untouched."
+    th, tw = x.shape[-2] // n, x.shape[-1] // n
+    out = x.clone()
+    for b in range(len(x)):
+        for j, i in enumerate(perms[b].tolist()):
+            (rj, cj), (ri, ci) = divmod(j, n), divmod(i, n)
+            out[b, :, rj * th:(rj + 1) * th, cj * tw:(cj + 1) * tw] = x[b, :, ri * th:(ri + 1) * th, ci * tw:(ci + 1) * tw]
+    return out
+
+
+def test_tile_shuffle_known_permutation_and_slow_loop():
+    x = torch.arange(16.).view(1, 1, 4, 4)
+    assert torch.equal(tile_shuffle(x, 2, torch.tensor([[3, 2, 1, 0]]))[0, 0],
+                       torch.tensor([[10., 11, 8, 9], [14, 15, 12, 13], [2, 3, 0, 1], [6, 7, 4, 5]]))
+    assert torch.equal(tile_shuffle(x, 2, torch.tensor([[0, 1, 2, 3]])), x)
+    g = gen(10)
+    for (H, W), n in [((32, 32), 4), ((30, 35), 4), ((21, 21), 7), ((64, 64), 8), ((10, 10), 1)]:
+        x = torch.rand(6, 3, H, W, generator=g)
+        perms = random_tile_perms(6, n, g)
+        assert torch.equal(tile_shuffle(x, n, perms), _slow_tile_shuffle(x, n, perms))
+    p = random_tile_perms(500, 3, gen(11))
+    assert p.dtype == torch.long and torch.equal(p.sort(1).values, torch.arange(9).expand(500, 9))
+    assert torch.equal(p, random_tile_perms(500, 3, gen(11)))
+    # uniform: every tile lands in every place about equally often
+    counts = torch.zeros(9, 9).index_put_((torch.arange(9).repeat(500), p.flatten()), torch.ones(4500), accumulate=True)
+    assert counts.min() > 25 and counts.max() < 90
+    with pytest.raises(ValueError, match=r'perms must have shape \(B, n\*n\)'): tile_shuffle(x, 2, torch.zeros(6, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match='larger than the image'): tile_shuffle(x, 11, random_tile_perms(6, 11))
+    with pytest.raises(ValueError, match='tile indices'): tile_shuffle(x, 2, torch.full((6, 4), 4))
+
+
+def test_gamma_is_recoverable_per_sample():
+    x = torch.rand(10, 3, 12, 12, generator=gen(20)).clamp(0.02, 0.98)
+    t = RandGamma((0.5, 2.5))
+    prm = t.draw(x, gen(21))
+    y = t(x, params=prm)
+    ratio = (y.log() / x.log()).flatten(1)  # log(x ** g) / log(x) = g at every pixel
+    torch.testing.assert_close(ratio.median(1).values, prm['g'], atol=1e-4, rtol=0)
+    assert ratio.std(1).max() < 1e-3
+    assert 0.5 <= prm['g'].min() and prm['g'].max() <= 2.5 and prm['g'].unique().numel() == 10
+    with pytest.raises(ValueError, match='gamma must satisfy'): RandGamma((2.0, 1.0))
+
+
+def _holes_mask(x, prm):
+    m = torch.zeros(x.shape[0], *x.shape[-2:], dtype=torch.bool)
+    for b in range(len(x)):
+        for k in range(int(prm['count'][b])):
+            t, l, s = int(prm['top'][b, k]), int(prm['left'][b, k]), int(prm['side'][b])
+            m[b, t:t + s, l:l + s] = True
+    return m
+
+
+def test_coarse_dropout_holes_count_area_and_untouched_pixels():
+    x = torch.rand(24, 3, 64, 48) + 0.1
+    t = CoarseDropout(n_holes=(5, 20), hole_frac=(0.05, 0.2), fill=0.0)
+    prm = t.draw(x, gen(22))
+    y, m = t(x, params=prm), _holes_mask(x, prm)
+    mm = m[:, None].expand_as(x)
+    assert torch.equal(y[~mm], x[~mm]) and (y[mm] == 0).all()
+    assert prm['count'].min() >= 5 and prm['count'].max() <= 20 and prm['count'].unique().numel() > 4
+    assert prm['side'].min() >= round(0.05 * 48) and prm['side'].max() <= round(0.2 * 48)  # fraction of the shorter side
+    area, hole = m.flatten(1).sum(1), prm['side'] ** 2  # one side per image, as in system 1's code
+    assert (area >= hole).all() and (area <= hole * prm['count']).all()
+    assert prm['side'].shape == (24,) and prm['top'].shape == (24, 20)
+    # the published default: 10-25 px holes at 512 px
+    prm = CoarseDropout().draw(torch.zeros(200, 3, 512, 512), gen(23))
+    assert prm['side'].min() == 10 and prm['side'].max() == 25
+    y = CoarseDropout(fill=0.5)(torch.zeros(4, 3, 32, 32), gen(24))
+    assert set(y.unique().tolist()) == {0.0, 0.5}
+    with pytest.raises(ValueError, match='n_holes must be a pair of ints'): CoarseDropout(n_holes=(5.5, 20))
+
+
+@pytest.mark.parametrize('centre', [True, False])
+def test_cropped_region_inside_equals_source_outside_blank(centre):
+    x = torch.rand(16, 3, 36, 52) * 0.9
+    t = CroppedRegion(frac=(0.4, 0.6), fill=1.0, centre=centre)
+    prm = t.draw(x, gen(25))
+    y = t(x, params=prm)
+    for b in range(16):
+        h, w, top, left = (int(prm[k][b]) for k in ('height', 'width', 'top', 'left'))
+        assert round(0.4 * 36) <= h <= round(0.6 * 36) and round(0.4 * 52) <= w <= round(0.6 * 52)
+        dt, dl = ((36 - h) // 2, (52 - w) // 2) if centre else (top, left)
+        assert torch.equal(y[b, :, dt:dt + h, dl:dl + w], x[b, :, top:top + h, left:left + w])
+        out = torch.ones(36, 52, dtype=torch.bool); out[dt:dt + h, dl:dl + w] = False
+        assert (y[b][:, out] == 1).all()
+    assert prm['top'].unique().numel() > 3 and prm['left'].unique().numel() > 3
+
+
+def test_patch_swap_exchanges_exactly_two_patches_and_swap_back():
+    x = torch.rand(64, 3, 40, 56)
+    t = RandPatchSwap((0.3, 0.5))
+    prm = t.draw(x, gen(26))
+    y = t(x, params=prm)
+    for b in range(64):
+        s, t1, l1, t2, l2 = (int(prm[k][b]) for k in ('side', 'top1', 'left1', 'top2', 'left2'))
+        assert round(0.3 * 40) <= s <= 20
+        assert t1 + s <= t2 or t2 + s <= t1 or l1 + s <= l2 or l2 + s <= l1
+        assert min(t1, t2, l1, l2) >= 0 and max(t1, t2) + s <= 40 and max(l1, l2) + s <= 56
+        assert torch.equal(y[b, :, t1:t1 + s, l1:l1 + s], x[b, :, t2:t2 + s, l2:l2 + s])
+        assert torch.equal(y[b, :, t2:t2 + s, l2:l2 + s], x[b, :, t1:t1 + s, l1:l1 + s])
+        changed = (y[b] != x[b]).any(0)
+        assert changed.sum() == (changed[t1:t1 + s, l1:l1 + s].sum() + changed[t2:t2 + s, l2:l2 + s].sum())
+    assert torch.equal(t(y, params=prm), x)
+    # both separations (rows and columns) occur
+    vert = (prm['top1'] - prm['top2']).abs() >= prm['side']
+    horiz = (prm['left1'] - prm['left2']).abs() >= prm['side']
+    assert vert.any() and horiz.any()
+    with pytest.raises(ValueError, match='frac must satisfy'): RandPatchSwap((0.3, 0.7))
+
+
+def _tiles(x, n):
+    B, C, H, W = x.shape
+    th, tw = H // n, W // n
+    return x[..., :n * th, :n * tw].reshape(B, C, n, th, n, tw).permute(0, 2, 4, 1, 3, 5).reshape(B, n * n, -1)
+
+
+@pytest.mark.parametrize('tfm', [RandJigsaw(4), RandJigsaw(8), LocalJigsaw(7, 2), LocalJigsaw(3, 1)])
+def test_jigsaw_output_tiles_are_a_permutation_of_input_tiles(tfm):
+    x = torch.rand(8, 3, 64, 64)
+    prm = tfm.draw(x, gen(27))
+    y = tfm(x, params=prm)
+    a, b = _tiles(x, tfm.n), _tiles(y, tfm.n)
+    srt = lambda z: z.gather(1, z.sum(-1).argsort(1)[..., None].expand_as(z))  # tiles as a multiset: sorted by their sum
+    assert torch.equal(srt(a), srt(b))
+    assert torch.equal(y, tile_shuffle(x, tfm.n, prm['perms']))
+    r = 64 % tfm.n  # leftover strips (64 = 7 * 9 + 1) stay in place
+    if r: assert torch.equal(y[..., 64 - r:, :], x[..., 64 - r:, :]) and torch.equal(y[..., 64 - r:], x[..., 64 - r:])
+    assert not torch.equal(x, y)
+
+
+def test_dcl_displacement_bound_is_2k_minus_1_and_reached():
+    for n, k in [(7, 2), (7, 1), (5, 3)]:
+        p = local_tile_perms(3000, n, k, gen(28))
+        assert torch.equal(p.sort(1).values, torch.arange(n * n).expand_as(p))
+        pos = torch.arange(n * n)
+        dr, dc = (p // n - pos // n).abs(), (p % n - pos % n).abs()
+        bound = min(2 * k - 1, n - 1)
+        assert dr.max() == bound and dc.max() == bound
+    # k = 0 moves nothing; RandJigsaw's uniform perms move tiles much further
+    assert torch.equal(local_tile_perms(2, 4, 0, gen(29)), torch.arange(16).expand(2, 16))
+    far = random_tile_perms(500, 7, gen(30))
+    assert ((far % 7 - torch.arange(49) % 7).abs().max(1).values > 3).float().mean() > 0.9
+
+
+def test_local_tile_perms_matches_two_pass_sort_reference():
+    B, n, k = 4, 7, 2
+    p = local_tile_perms(B, n, k, gen(31))
+    g = gen(31)
+    u, v = ((-k + 2 * k * torch.rand(B * n * n, generator=g)).view(B, n, n) for _ in range(2))
+    for b in range(B):
+        grid = [[r * n + c for c in range(n)] for r in range(n)]
+        grid = [[grid[r][i] for i in sorted(range(n), key=lambda i: (i + float(u[b, r, i]), i))] for r in range(n)]
+        cols = [[grid[j][c] for j in sorted(range(n), key=lambda j: (j + float(v[b, c, j]), j))] for c in range(n)]
+        assert p[b].tolist() == [cols[c][r] for r in range(n) for c in range(n)]
+
+
+FG = [RandGamma(), CoarseDropout(), CroppedRegion(), RandPatchSwap(), RandJigsaw(4), LocalJigsaw(7, 2)]
+
+
+@pytest.mark.parametrize('tfm', FG, ids=lambda t: type(t).__name__)
+def test_variants_per_sample_params_and_seeded(tfm):
+    x = torch.rand(1, 3, 56, 56).expand(12, 3, 56, 56).contiguous()
+    y = tfm(x, gen(32))
+    d = (y[:, None] - y[None]).abs().flatten(2).amax(-1) + torch.eye(12) * 9
+    assert d.min() > 0  # identical images, all different outputs
+    assert torch.equal(tfm(x, gen(32)), y) and not torch.equal(tfm(x, gen(33)), y)
+    torch.manual_seed(34); a = tfm(x)
+    torch.manual_seed(34); assert torch.equal(tfm(x), a)
+    # p: unselected samples pass through bit for bit
+    t = type(tfm)(**{**({'n': tfm.n} if hasattr(tfm, 'n') else {}), 'p': 0.5})
+    prm = t.draw(x, gen(35))
+    z = t(x, params=prm)
+    assert prm['on'].any() and not prm['on'].all()
+    assert torch.equal(z[~prm['on']], x[~prm['on']]) and (z[prm['on']] != x[prm['on']]).flatten(1).any(1).all()
+
+
+@pytest.mark.parametrize('name,cls', [('gamma', RandGamma), ('dropout', CoarseDropout), ('regions', CroppedRegion),
+                                      ('patchswap', RandPatchSwap), ('dcl', LocalJigsaw), ('jigsaw', RandJigsaw)])
+def test_variant_recipes_second_view_is_simclr_then_variant_then_normalise(name, cls):
+    x = torch.rand(6, 3, 48, 48)
+    ps = get_views(name, 32)
+    assert len(ps) == 2 and ps[0].name == 'simclr' and ps[1].name == f'simclr+{name}'
+    a, b = ps
+    assert [type(t) for t in b.tfms] == [type(t) for t in a.tfms] + [cls] and b.norm
+    torch.manual_seed(0); v = b(x)
+    torch.manual_seed(0); raw = ViewPipeline(list(b.tfms)[:-1], norm=False)(x)
+    torch.testing.assert_close(v, normalize(b.tfms[-1](raw)), atol=1e-6, rtol=0)
+    assert len(make_views(x, ps)) == 2
+
+
+def test_variant_recipe_kwargs_reach_variant_and_simclr():
+    assert get_views('gamma', 32, gamma=(1.0, 1.2))[1].tfms[-1].gamma == (1.0, 1.2)
+    d = get_views('dcl', 32, grid=3, k=1)[1].tfms[-1]
+    assert (d.n, d.k) == (3, 1)
+    assert get_views('jigsaw', 32, grid=2)[1].tfms[-1].n == 2
+    assert get_views('dropout', 32, n_holes=[1, 2])[1].tfms[-1].n_holes == (1, 2)
+    assert get_views('regions', 32, centre=False)[1].tfms[-1].centre is False
+    assert get_views('patchswap', 32, scale=(0.5, 1.0))[1].tfms[0].scale == (0.5, 1.0)
+    assert get_views('gamma', 32, jitter_p=0.8)[0].tfms[2].p == 0.8
+    a, b = variant_views(RandGamma(), 16, 'g')
+    assert b.name == 'simclr+g' and a is not b and a.tfms[0] is not b.tfms[0]
+
+
+def test_variant_bad_arguments():
+    with pytest.raises(ValueError, match='larger than the image'): RandJigsaw(8)(torch.rand(2, 3, 6, 6))
+    with pytest.raises(ValueError, match='grid size n must be a positive int'): LocalJigsaw(0)
+    with pytest.raises(ValueError, match='neighbourhood k must be >= 0'): LocalJigsaw(7, -1)
+    with pytest.raises(ValueError, match='frac must satisfy'): CroppedRegion((0.0, 0.5))
+    with pytest.raises(ValueError, match='hole_frac must be a'): CoarseDropout(hole_frac=0.1)

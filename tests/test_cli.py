@@ -11,7 +11,7 @@ def run(*args, **kw):
 
 
 def test_demo_end_to_end(tiny, tmp_path):
-    "The main job on real data: summary, grids, a (1-epoch) pretraining, its evaluation and the random floor, the table."
+    "The main job on real data: summary, grids, a (1-epoch) pretraining, its evaluation, the supervised reference and the random floor, the table."
     r = run('fgssl_demo', '--data', tiny, '--out', tmp_path / 'run', '--size', 32, '--bs', 8, '--epochs', 1)
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / 'run' / 'data_summary.json').read_text())
@@ -19,7 +19,8 @@ def test_demo_end_to_end(tiny, tmp_path):
     for f in ('batch_labeled.png', 'batch_ssl.png'): assert (tmp_path / 'run' / f).stat().st_size > 1000
     assert '5 classes, 50 labelled images (30 train / 20 test), 20 unlabelled' in r.stdout
     rows = json.loads((tmp_path / 'run' / 'results.json').read_text())
-    assert [x['name'] for x in rows] == ['byol (1 ep)', 'random init']
+    assert [x['name'] for x in rows] == ['byol (1 ep)', 'supervised (1 ep, labels)', 'random init']
+    assert 0 <= rows[1]['supervised_top1'] <= 1
     for x in rows: assert all(0 <= x[k] <= 1 for k in ('linear_top1', 'knn_top1', 'retrieval_rank1', 'retrieval_rank5', 'retrieval_map'))
     assert (tmp_path / 'run' / 'results.md').read_text().startswith('| method | linear top-1')
     assert '| random init |' in r.stdout

@@ -264,3 +264,93 @@ def test_evaluate_encoder_keys_and_values(bird_dls):
     assert evaluate_features(trf, try_, tef, tey) == pytest.approx(m)
     assert list(evaluate_encoder(pix, dls, protocols=('knn',))) == ['knn_top1']
     with pytest.raises(ValueError, match='linaer'): evaluate_encoder(pix, dls, protocols=('linaer',))
+
+
+# ---------------------------------------------------------------- fine-tuning options: train_layers, class_weights, head
+from fastai.callback.core import Callback
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader as FastaiDataLoader
+from fgssl_nb.evaluate import balanced_class_weights, split_encoder, train_labels
+from fgssl_nb.models import create_encoder
+
+
+def test_balanced_class_weights_favour_the_minority():
+    "w_c = N / (C n_c), as scikit-learn's compute_class_weight('balanced'); the rare class weighs most."
+    from sklearn.utils.class_weight import compute_class_weight
+    y = np.array([0] * 9 + [1] * 3 + [2] * 1)
+    w = balanced_class_weights(torch.as_tensor(y))
+    np.testing.assert_allclose(w.numpy(), compute_class_weight('balanced', classes=np.arange(3), y=y), rtol=1e-6)
+    assert w[2] > w[1] > w[0] and w[2] / w[0] == pytest.approx(9.0)
+
+
+class _FirstHead(Callback):
+    "The head's weights as training starts (before_train: fastai's `validate` also fires before_fit)."
+    def before_train(self):
+        if not hasattr(self.learn, 'head0'): self.learn.head0 = {k: v.clone() for k, v in self.model[2].state_dict().items()}
+
+
+def _imbalanced_dls(n0=200, n1=20, seed=0):
+    "Two overlapping 1-d classes (means 0 and 1, std 1) as (B, 3, 1, 1) 'images'; 10:1 in train, balanced in test."
+    import random
+    random.seed(seed)  # fastai draws each loader's shuffling seed from Python's `random` when it is made
+    g = torch.Generator().manual_seed(seed)
+    def make(a, b):
+        y = torch.cat([torch.zeros(a), torch.ones(b)]).long()
+        x = (y.float() + torch.randn(len(y), generator=g))[:, None, None, None].expand(-1, 3, 1, 1).contiguous()
+        return TensorDataset(x * 0.2 + 0.45, y)   # inside [0, 1]-ish: the ImageNet normalisation is affine anyway
+    return DataLoaders(FastaiDataLoader(make(n0, n1), bs=22, shuffle=True, drop_last=True), FastaiDataLoader(make(200, 200), bs=100), device='cpu')
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_class_weights_move_predictions_to_the_minority(seed):
+    "On 10:1 overlapping classes, an unweighted head rarely predicts the minority; 'balanced' predicts it about half the time."
+    dls = _imbalanced_dls(seed=seed)
+    assert train_labels(dls).bincount().tolist() == [200, 20]
+    enc = nn.Flatten(); enc.num_features = 3
+    share = {}
+    for cw in (None, 'balanced'):
+        _, learn = fine_tune(enc, dls, epochs=8, lr=0.05, train_layers='none', n_classes=2, class_weights=cw, return_learner=True)
+        with learn.no_bar(): preds, _ = learn.get_preds(dl=dls.valid)
+        share[cw] = preds.argmax(1).float().mean().item()
+    assert share[None] < 0.15 and 0.3 < share['balanced'] < 0.7, share  # measured: unweighted 0.007 / 0.002, balanced 0.40 / 0.44 (seeds 0 / 1)
+
+
+def test_fine_tune_layer4_keeps_the_frozen_part_frozen(bird_dls):
+    "Stem + layer1-3 (weights and BatchNorm running statistics) bit-identical; layer4 and the MLP head trained."
+    ds, dls = bird_dls
+    enc = create_encoder('resnet18').train()
+    with torch.no_grad(): enc(torch.randn(8, 3, 32, 32))  # running stats away from init
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    top1, learn = fine_tune(enc, dls, epochs=1, lr=1e-2, train_layers='layer4', head='mlp', cbs=[_FirstHead()], return_learner=True)
+    tuned = learn.model[0].module.state_dict()
+    assert all(torch.equal(tuned[k], v) for k, v in before.items() if not k.startswith('body.7.'))
+    assert not torch.equal(tuned['body.7.0.bn1.running_mean'], before['body.7.0.bn1.running_mean'])
+    assert not torch.equal(tuned['body.7.1.conv2.weight'], before['body.7.1.conv2.weight'])
+    assert all(not torch.equal(learn.model[2].state_dict()[k], v) for k, v in learn.head0.items()), 'the head must learn'
+    assert [type(m).__name__ for m in learn.model[2]] == ['Linear', 'ReLU', 'Dropout', 'Linear']
+    assert learn.model[2][0].out_features == 256
+    assert sum(len(pg) for pg in learn.opt.param_lists) == len(list(enc.body[7].parameters())) + 4
+    assert all(torch.equal(enc.state_dict()[k], v) for k, v in before.items())
+
+
+def test_fine_tune_frozen_encoder(bird_dls):
+    ds, dls = bird_dls
+    enc = resnet18().train()
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    _, learn = fine_tune(enc, dls, epochs=1, lr=1e-2, train_layers='none', cbs=[_FirstHead()], return_learner=True)
+    assert len(learn.opt.param_lists) == 1
+    assert all(torch.equal(learn.model[0].module.state_dict()[k], v) for k, v in before.items())
+    assert not torch.equal(learn.model[2].weight, learn.head0['weight'])
+    assert train_labels(dls).tolist() == ds.labels[ds.train_idxs].tolist()
+
+
+def test_fine_tune_bad_options(bird_dls):
+    ds, dls = bird_dls
+    enc = resnet18()
+    with pytest.raises(ValueError, match='train_layers must be one of'): fine_tune(enc, dls, epochs=0, train_layers='layer2')
+    with pytest.raises(ValueError, match="use train_layers='all' or 'none'"):
+        fine_tune(nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten()), dls, epochs=0, train_layers='layer4')
+    with pytest.raises(ValueError, match="'balanced', a tensor or None"): fine_tune(enc, dls, epochs=0, class_weights='inverse')
+    with pytest.raises(ValueError, match='one weight per class'): fine_tune(enc, dls, epochs=0, class_weights=torch.ones(3))
+    with pytest.raises(ValueError, match="head must be"): fine_tune(enc, dls, epochs=0, head='svm')
+    assert [len(split_encoder(enc, t)[0]) for t in ('all', 'layer3+4', 'layer4', 'none')] == [1, 2, 1, 0]

@@ -149,7 +149,10 @@ def test_cli_pretrain_eval_and_refusals(birds, tmp_path):
 
 
 @pytest.mark.parametrize('args,msg', [
-    (['fgssl_pretrain', '--method', 'swav'], "error: unknown method 'swav'; choose from byol, moco, simclr, simsiam"),
+    (['fgssl_pretrain', '--method', 'swav'], "error: unknown method 'swav'; choose from byol, "),
+    (['fgssl_pretrain', '--kw', 'tau=0.1', '--out', '{tmp}/kw'], "error: simclr has no option tau; its options: proj_dim, proj_hidden, temperature"),
+    (['fgssl_pretrain', '--kw', 'tau', '--out', '{tmp}/kw2'], "error: --kw expects key=value pairs, got 'tau'"),
+    (['fgssl_pretrain', '--method', 'synth-moco', '--criterion', 'entropy', '--out', '{tmp}/c'], "error: --criterion must be variance, gradcam or both"),
     (['fgssl_pretrain', '--data', '/no/such/dir', '--out', '{tmp}/x'], 'error: data folder /no/such/dir does not exist'),
     (['fgssl_pretrain', '--bs', '1'], 'error: --bs must be at least 2'),
     (['fgssl_pretrain', '--resume', '--out', '{tmp}/none'], 'error: {tmp}/none/checkpoint.pth does not exist: nothing to resume'),

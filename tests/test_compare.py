@@ -1,0 +1,33 @@
+"The comparison runner: a failing entry does not lose the others, a re-run trains nothing, the CLI prints the table."
+import json, subprocess, sys
+from pathlib import Path
+import pandas as pd
+from fgssl_nb.compare import run_grid, summarize, results_markdown
+
+BIN = Path(sys.executable).parent
+SMALL = dict(proj_hidden=32, proj_dim=16)
+
+
+def test_failing_entry_is_recorded_and_the_grid_goes_on(birds, tmp_path):
+    grid = [dict(name='bad', method='simclr', kw=dict(no_such_option=1)),
+            dict(name='simclr', method='simclr', kw=SMALL)]
+    df = run_grid(grid, birds, seeds=(0,), out=tmp_path, epochs=1, size=32, bs=8)
+    assert list(df.name) == ['simclr']
+    assert 'no option no_such_option' in json.loads((tmp_path / 'errors.json').read_text())['bad seed 0']
+    saved = pd.read_csv(tmp_path / 'results.csv')
+    assert list(saved.name) == ['simclr'] and 0 <= saved.linear_top1[0] <= 1
+
+
+def test_cli_compare_end_to_end(birds, tmp_path):
+    r = subprocess.run([str(BIN / 'fgssl_compare'), '--grid', 'system1', '--data', str(birds), '--only', 'random init',
+                        '--seeds', '0', '1', '--size', '32', '--bs', '8', '--out', str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-800:]
+    df = pd.read_csv(tmp_path / 'results.csv')
+    assert list(df.seed) == [0, 1] and (tmp_path / 'results.png').exists()
+    s = summarize(df)
+    assert s.loc['random init', 'seeds'] == 2
+    assert results_markdown(s).splitlines()[2].startswith('| random init | 2 |')
+    assert '| random init | 2 |' in r.stdout
+    bad = subprocess.run([str(BIN / 'fgssl_compare'), '--grid', 'nope'], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("choose from system1, system2, alpha")
