@@ -145,7 +145,7 @@ def fgssl_bench(what: Param("what to measure: 'loader' (ssl_dls vs ResNet-18 tra
                 data: Param("data folder, or 'default' for the built-in toy birds", str) = 'default',
                 sizes: Param("image sizes in px", int, nargs='+') = (64, 128),
                 bs: Param("batch size", int) = 64,
-                workers: Param("DataLoader workers (default: min(4, cores))", int) = None,
+                workers: Param("DataLoader workers (default: none for a pool cached in memory, else min(4, cores))", int) = None,
                 out: Param("write the rows as JSON here", str) = None):
     "Print throughput benchmarks of this machine."
     if what not in ('loader', 'methods'): raise SystemExit(f"fgssl_bench: unknown benchmark {what!r}; available: loader, methods")

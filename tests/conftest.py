@@ -34,3 +34,15 @@ def tiny_rows(tiny):
     imgs, labs, split = rd('images.txt'), rd('image_class_labels.txt'), rd('train_test_split.txt')
     classes = [n for _, n in sorted((int(k), v) for k, v in rd('classes.txt').items())]
     return [(imgs[i], int(labs[i]) - 1, split[i] == '1') for i in imgs], classes
+
+
+from fastai.callback.core import Callback
+from fastai.learner import CancelFitException
+
+
+class StopAfter(Callback):
+    "Simulates an interruption right after epoch `n` was checkpointed (tests of exact resume)."
+    order = 99
+    def __init__(self, n: int = 1): self.n = n
+    def after_epoch(self):
+        if self.epoch + 1 == self.n: raise CancelFitException

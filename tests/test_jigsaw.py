@@ -3,6 +3,7 @@ import itertools
 from pathlib import Path
 import numpy as np
 import pytest
+from conftest import StopAfter
 import torch
 import torch.nn.functional as F
 from fastai.callback.core import Callback
@@ -159,11 +160,6 @@ def test_method_registered_and_configured(birds):
     with pytest.raises(ValueError, match='grid must be 2 or 3'): _learner(birds, None, grid=4)
 
 
-class StopAfter(Callback):
-    order = 99
-    def __init__(self, n): self.n = n
-    def after_epoch(self):
-        if self.epoch + 1 == self.n: raise CancelFitException
 
 
 def test_resume_gives_identical_weights(birds, tmp_path):

@@ -3,6 +3,7 @@ import json, os, signal, subprocess, sys, time
 from pathlib import Path
 import numpy as np
 import pytest
+from conftest import StopAfter
 import torch
 from fastai.callback.core import Callback
 from fastai.learner import CancelFitException
@@ -22,12 +23,6 @@ def _learner(birds, method, run_dir, precision='fp32'):
     return ssl_learner(dls, method, arch='resnet18', run_dir=run_dir, precision=precision, **kw)
 
 
-class StopAfter(Callback):
-    "Simulates an interruption right after epoch `n` was checkpointed."
-    order = 99
-    def __init__(self, n): self.n = n
-    def after_epoch(self):
-        if self.epoch + 1 == self.n: raise CancelFitException
 
 
 @pytest.mark.parametrize('method', ['simclr', 'moco', 'simsiam', 'byol'])

@@ -2,6 +2,7 @@
 import json, math
 import numpy as np
 import pytest
+from conftest import StopAfter
 import torch, torch.nn as nn, torch.nn.functional as F
 from PIL import Image
 from fastai.callback.core import Callback
@@ -106,11 +107,6 @@ def test_warmup_trains_generator_on_content_only(birds):
     assert adv.seen == [(0, False)] * n + [(1, True)] * n
 
 
-class StopAfter(Callback):
-    order = 99
-    def __init__(self, n): self.n = n
-    def after_epoch(self):
-        if self.epoch + 1 == self.n: raise CancelFitException
 
 
 def _run(birds, d, stop=None, resume=False):

@@ -2,6 +2,7 @@
 import json
 import numpy as np
 import pytest
+from conftest import StopAfter
 import torch, torch.nn as nn
 from fastai.callback.core import Callback
 from fastai.learner import CancelFitException
@@ -31,12 +32,6 @@ def small(tmp_path_factory):
     return ds, labeled_dls(ds, size=32, bs=8, num_workers=0)
 
 
-class StopAfter(Callback):
-    "Simulates an interruption right after epoch `n` was checkpointed."
-    order = 99
-    def __init__(self, n): self.n = n
-    def after_epoch(self):
-        if self.epoch + 1 == self.n: raise CancelFitException
 
 
 # ---------------------------------------------------------------- PMG pieces

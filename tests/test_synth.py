@@ -1,6 +1,7 @@
 "System 2, synthesized pairs: known answers for the dimension selection, the perturbation and the running statistics; the wrapper vs its base method; exact resume."
 import math
 import pytest
+from conftest import StopAfter
 import torch, torch.nn as nn, torch.nn.functional as F
 from fastai.callback.core import Callback
 from fastai.learner import CancelFitException
@@ -233,11 +234,7 @@ def test_gradcam_criterion_in_the_learner(birds):
 def test_synth_moco_exact_resume(birds, tmp_path):
     kw = dict(criterion='both', k=0.1, noise='shuffle')
     a = pretrain(_learner(birds, 'synth-moco', tmp_path / 'a', **kw), 2, run_dir=tmp_path / 'a', progress=False)
-    class StopAfter(Callback):
-        order = 99
-        def after_epoch(self):
-            if self.epoch == 0: raise CancelFitException
-    b = _learner(birds, 'synth-moco', tmp_path / 'b', **kw); b.add_cb(StopAfter())
+    b = _learner(birds, 'synth-moco', tmp_path / 'b', **kw); b.add_cb(StopAfter(1))
     pretrain(b, 2, run_dir=tmp_path / 'b', progress=False)
     assert torch.load(tmp_path / 'b' / 'checkpoint.pth', weights_only=False)['epoch'] == 0
     c = pretrain(_learner(birds, 'synth-moco', tmp_path / 'b', **kw), 2, run_dir=tmp_path / 'b', resume=True, progress=False)
