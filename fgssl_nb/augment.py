@@ -15,10 +15,10 @@ from .data import normalize
 # %% auto #0
 __all__ = ['VIEWS', 'ViewTfm', 'RandResizedCrop', 'RandHFlip', 'hue_shift', 'RandColorJitter', 'RandGrayscale', 'RandSolarize',
            'blur_kernel_size', 'RandGaussianBlur', 'ViewPipeline', 'simclr_views', 'moco_views', 'simsiam_views',
-           'byol_views', 'get_views', 'make_views', 'time_views', 'random_tile_perms', 'tile_shuffle', 'RandGamma',
-           'CoarseDropout', 'CroppedRegion', 'RandPatchSwap', 'local_tile_perms', 'RandJigsaw', 'LocalJigsaw',
-           'variant_views', 'gamma_views', 'dropout_views', 'regions_views', 'patchswap_views', 'dcl_views',
-           'jigsaw_views']
+           'byol_views', 'hue_views', 'get_views', 'make_views', 'time_views', 'random_tile_perms', 'tile_shuffle',
+           'RandGamma', 'CoarseDropout', 'CroppedRegion', 'RandPatchSwap', 'local_tile_perms', 'RandJigsaw',
+           'LocalJigsaw', 'variant_views', 'gamma_views', 'dropout_views', 'regions_views', 'patchswap_views',
+           'dcl_views', 'jigsaw_views']
 
 # %% ../nbs/01_augment.ipynb #c37b7a23
 def _uniform(n: int, lo: float, hi: float, generator: torch.Generator | None = None) -> Tensor:
@@ -253,7 +253,12 @@ def byol_views(size: int = 64, scale: tuple = (0.08, 1.0), jitter: tuple = (0.4,
     return tuple(_recipe(f'byol{i + 1}', size, scale, jitter, jitter_p, gray_p, blur_p[i], solarize_p[i], flip_p, hue_fn)
                  for i in range(2))
 
-VIEWS: dict[str, Callable] = dict(simclr=simclr_views, moco=moco_views, simsiam=simsiam_views, byol=byol_views)
+def hue_views(size: int = 64, scale: tuple = (0.25, 1.0), jitter: tuple = (0.8, 0.8, 0.8, 0.5), jitter_p: float = 0.8,
+              gray_p: float = 0.5, blur_p: float = 0.5, flip_p: float = 0.5, hue_fn: str = 'fast') -> ViewPipeline:
+    "SimCLR views that break colour: any hue (p 0.8), grayscale p 0.5, crops of 25-100 %: for classes that do not depend on colour."
+    return _recipe('hue', size, scale, jitter, jitter_p, gray_p, blur_p, 0.0, flip_p, hue_fn)
+
+VIEWS: dict[str, Callable] = dict(simclr=simclr_views, moco=moco_views, simsiam=simsiam_views, byol=byol_views, hue=hue_views)
 
 def get_views(name: str, size: int = 64, n: int = 2, **kwargs) -> list[ViewPipeline]:
     "One pipeline per view (`n` views) of recipe `name` in `VIEWS`, for a CLI's `--views`; a single recipe is repeated."

@@ -4,15 +4,16 @@
 
 # %% ../nbs/90_bench.ipynb #84245eba
 from __future__ import annotations
-import time, json, platform
+import time, json, math, platform
+import numpy as np
 from pathlib import Path
 import torch, torch.nn as nn
-from fastcore.script import call_parse, Param
+from fastcore.script import call_parse, Param, store_true
 from .data import read_dataset, ssl_dls
 
 # %% auto #0
-__all__ = ['cpu_has_bf16', 'model_throughput', 'loader_throughput', 'bench_loader', 'format_rows', 'plain_fp32_throughput',
-           'bench_methods', 'fgssl_bench']
+__all__ = ['STEP_PARTS', 'cpu_has_bf16', 'model_throughput', 'loader_throughput', 'bench_loader', 'format_rows',
+           'plain_fp32_throughput', 'bench_methods', 'fgssl_bench', 'step_parts', 'bare_parts', 'bench_parts']
 
 # %% ../nbs/90_bench.ipynb #b09c470f
 def cpu_has_bf16() -> bool:
@@ -24,16 +25,20 @@ def cpu_has_bf16() -> bool:
 def _sync(device):
     if device.type == 'cuda': torch.cuda.synchronize()
 
-def model_throughput(size: int = 64, bs: int = 64, fast: bool = True, steps: int = 5, warmup: int = 2,
-                     device=None) -> float:
-    "Images/s of ResNet-18 training steps (fwd + bwd + SGD) on ready tensors; `fast`: bf16 autocast + channels_last."
+def _bare_resnet(size: int, bs: int, fast: bool, device=None):
+    "A torchvision ResNet-18, a ready batch, its SGD, and whether bf16 autocast applies (`fast`: also channels_last)."
     from torchvision.models import resnet18
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     m = resnet18(num_classes=128).to(device)
     x, y = torch.randn(bs, 3, size, size, device=device), torch.randint(0, 128, (bs,), device=device)
     use_bf16 = fast and (device.type == 'cuda' or cpu_has_bf16())
     if fast: m, x = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+    return m, x, y, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9), use_bf16, device
+
+def model_throughput(size: int = 64, bs: int = 64, fast: bool = True, steps: int = 5, warmup: int = 2,
+                     device=None) -> float:
+    "Images/s of ResNet-18 training steps (fwd + bwd + SGD) on ready tensors; `fast`: bf16 autocast + channels_last."
+    m, x, y, opt, use_bf16, device = _bare_resnet(size, bs, fast, device)
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = nn.functional.cross_entropy(m(x), y)
@@ -93,6 +98,12 @@ def _timed_fit(learn, n_batches: int, skip: int = 2) -> float:
     with learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=[t])
     return t.n / (t.t1 - t.t0)
 
+def _without_views(learn):
+    "`learn` with its view pipelines replaced by normalisation only: what it costs without making views."
+    from fgssl_nb.augment import ViewPipeline
+    learn.ssl_cb.pipelines = [ViewPipeline([], name='none') for _ in learn.ssl_cb.pipelines]
+    return learn
+
 def plain_fp32_throughput(data='default', size: int = 64, bs: int = 64, n_batches: int = 8, workers: int = 2) -> float:
     "Source images/s of a plain SimCLR step: torchvision per-image views in DataLoader workers, fp32 model."
     import torchvision.transforms as T
@@ -120,44 +131,140 @@ def plain_fp32_throughput(data='default', size: int = 64, bs: int = 64, n_batche
     return n / (time.perf_counter() - t0)
 
 def bench_methods(methods=('simclr', 'moco', 'simsiam', 'byol'), data='default', size: int = 64, bs: int = 64,
-                  n_batches: int = 8, workers: int | None = None, skip: int = 3) -> list[dict]:
-    "Training images/s per method (fast path and exact fp32) against the bare backbone and a plain fp32 pipeline."
+                  n_batches: int = 8, workers: int | None = None, skip: int = 3, steady: bool = True,
+                  rounds: int = 3) -> list[dict]:
+    """Training images/s per method (fast path and exact fp32) against the bare backbone and a plain fp32 pipeline.
+    `steady`: time the steady state, from the second epoch on (a cached pool is decoded by one pass first); else the first epoch.
+    On a shared machine the speed drifts by tens of percent within minutes, so each round times the bare backbone, the
+    method and the method without views back to back; images/s are the best of `rounds`, ratios the median of the
+    rounds' ratios. The fp32 figures are measured once."""
     from fgssl_nb.learner import ssl_learner, resolve_precision
     ds = read_dataset(data)
     dls = ssl_dls(ds, size=size, bs=bs, valid_pct=0.02, num_workers=workers)
+    if steady:
+        for _ in dls.train: pass  # what the first epoch does: fill the decoded-image cache (a no-op for an uncached pool)
     fast = resolve_precision('auto', dls.device)
-    bare_fast = model_throughput(size, 2 * bs, fast=fast != 'fp32', steps=n_batches) / 2
+    learners = {m: ssl_learner(dls, m, precision="auto") for m in methods}
+    no_views = {m: _without_views(ssl_learner(dls, m, precision="auto")) for m in methods}
+    t = {(k, m): [] for m in methods for k in ('bare', 'train', 'nv', 'plain')}
+    for _ in range(rounds):
+        for m in methods:
+            t['bare', m].append(model_throughput(size, 2 * bs, fast=fast != 'fp32', steps=n_batches) / 2)
+            t['train', m].append(_timed_fit(learners[m], n_batches, skip))
+            t['nv', m].append(_timed_fit(no_views[m], n_batches, skip))
+            t['plain', m].append(plain_fp32_throughput(data, size, bs, n_batches) if m == methods[0] else math.nan)
+    plain = max(t['plain', methods[0]])
     bare_fp32 = model_throughput(size, 2 * bs, fast=False, steps=n_batches) / 2
-    plain = plain_fp32_throughput(data, size, bs, n_batches)
+    pct = lambda a, b: float(100 * (np.median(np.array(a) / np.array(b)) - 1))  # median over rounds of a/b, in % over 1
     rows = []
     for m in methods:
-        r = dict(method=m, precision=fast)
-        r["train"] = _timed_fit(ssl_learner(dls, m, precision="auto"), n_batches, skip)
+        r = dict(method=m, precision=fast, steady=steady, train=max(t['train', m]))
         r["train_fp32"] = _timed_fit(ssl_learner(dls, m, precision="fp32"), n_batches, skip)
-        r['bare_backbone'], r['bare_fp32'], r['plain_fp32'] = bare_fast, bare_fp32, plain
-        r['overhead_%'] = 100 * (bare_fast / r['train'] - 1)
+        r['bare_backbone'], r['bare_fp32'], r['plain_fp32'] = max(t['bare', m]), bare_fp32, plain
+        r['overhead_%'] = pct(t['bare', m], t['train', m])
+        r['views_%'] = pct(t['nv', m], t['train', m])         # the view pipelines' share
+        r['heads_loop_%'] = pct(t['bare', m], t['nv', m])     # heads, loss, target network, fastai loop
         r['x_plain'] = r['train'] / plain
         rows.append(r)
     return rows
 
 @call_parse
-def fgssl_bench(what: Param("what to measure: 'loader' (ssl_dls vs ResNet-18 training images/s) or 'methods' (SSL training images/s)", str, nargs='?', opt=False) = 'loader',
+def fgssl_bench(what: Param("what to measure: 'loader' (ssl_dls vs ResNet-18 training images/s), 'methods' (SSL training images/s) or 'parts' (ms per step part)", str, nargs='?', opt=False) = 'loader',
                 data: Param("data folder, or 'default' for the built-in toy birds", str) = 'default',
                 sizes: Param("image sizes in px", int, nargs='+') = (64, 128),
                 bs: Param("batch size", int) = 64,
                 workers: Param("DataLoader workers (default: none for a pool cached in memory, else min(4, cores))", int) = None,
-                out: Param("write the rows as JSON here", str) = None):
+                out: Param("write the rows as JSON here", str) = None,
+                first_epoch: Param("methods: time first-epoch batches (decoded-image cache still filling) instead of the steady state", store_true) = False,
+                batches: Param("methods: training batches timed per measurement (more: less noise on a shared machine)", int) = 8,
+                rounds: Param("methods: interleaved rounds; images/s are the best round, ratios the median", int) = 3):
     "Print throughput benchmarks of this machine."
-    if what not in ('loader', 'methods'): raise SystemExit(f"fgssl_bench: unknown benchmark {what!r}; available: loader, methods")
+    if what not in ('loader', 'methods', 'parts'): raise SystemExit(f"fgssl_bench: unknown benchmark {what!r}; available: loader, methods, parts")
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"bf16 CPU: {cpu_has_bf16()}, CUDA: {torch.cuda.is_available()}")
     if what == 'loader':
         rows = bench_loader(data, tuple(sizes), bs, workers)
         print(format_rows(rows))
         print("images/s; model_* = ResNet-18 fwd+bwd+SGD on ready tensors; ratio = loader / faster model path (goal >= 2)")
+    elif what == 'parts':
+        rows = bench_parts(data=data, size=sizes[0], bs=bs, workers=workers, n_batches=max(batches, 12))
+        print(format_rows(rows))
+        print("ms per training step of the bare backbone (two views' worth) and of each method, fastest occurrence of each part; "
+              "overhead_% = method total over bare total (goal <= 10)")
     else:
-        rows = bench_methods(data=data, size=sizes[0], bs=bs, workers=workers)
+        rows = bench_methods(data=data, size=sizes[0], bs=bs, workers=workers, steady=not first_epoch, n_batches=batches, rounds=rounds)
         print(format_rows(rows))
         print("source images/s (2 views each); bare_* = ResNet-18 fwd+bwd on ready tensors of both views; "
-              "overhead_% = views+heads+loss over bare (goal <= 10); x_plain = train / plain fp32 torchvision pipeline (goal >= 1.5)")
+              "overhead_% = views+heads+loss over bare (goal <= 10), split into views_% (the view pipelines) and heads_loop_% "
+              "(projector/predictor, loss, target network, training loop); x_plain = train / plain fp32 torchvision pipeline (goal >= 1.5)")
     if out: Path(out).write_text(json.dumps(rows, indent=1))
+
+# %% ../nbs/90_bench.ipynb #7dada981
+def _stamp_cbs(log: list):
+    "Two callbacks that append (event, time) to `log`: one before every other callback, one after."
+    from fastai.callback.core import Callback
+    def now(cb): _sync(cb.dls.device); return time.perf_counter()
+    class First(Callback):
+        order, run_valid = -1000, False  # training batches only
+        def before_batch(self): log.append(('start', now(self)))
+    class Last(Callback):
+        order, run_valid = 1000, False
+        def before_batch(self): log.append(('views', now(self)))
+        def after_pred(self): log.append(('forward', now(self)))
+        def after_loss(self): log.append(('loss', now(self)))
+        def after_backward(self): log.append(('backward', now(self)))
+        def after_step(self): log.append(('step', now(self)))
+        def after_batch(self): log.append(('end', now(self)))
+    return [First(), Last()]
+
+STEP_PARTS = ('data', 'views', 'forward', 'loss', 'backward', 'step', 'rest')
+
+def step_parts(learn, n_batches: int = 16) -> dict:
+    "Fastest ms of each part of `learn`'s training step over `n_batches` batches (see `STEP_PARTS`)."
+    from fastai.callback.core import Callback
+    from fastai.learner import CancelFitException
+    log = []
+    class Stop(Callback):
+        order = 1001
+        def after_batch(self):
+            if self.iter + 1 >= n_batches: raise CancelFitException
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=[*_stamp_cbs(log), Stop()])
+    best, prev_end, t = dict.fromkeys(STEP_PARTS, math.inf), None, {}
+    order = ['start', 'views', 'forward', 'loss', 'backward', 'step', 'end']
+    for ev, ts in log:
+        t[ev] = ts
+        if ev != 'end': continue
+        if prev_end is not None: best['data'] = min(best['data'], 1e3 * (t['start'] - prev_end))
+        if not all(e in t for e in order): prev_end, t = t['end'], {}; continue  # a batch with a skipped event (e.g. a cancelled step)
+        for part, (a, b) in zip(STEP_PARTS[1:], zip(order, order[1:])): best[part] = min(best[part], 1e3 * (t[b] - t[a]))
+        prev_end, t = t['end'], {}
+    return best
+
+def bare_parts(size: int = 64, bs: int = 128, fast: bool = True, n: int = 16, device=None) -> dict:
+    "Fastest ms of forward (with the loss), backward and SGD step of a bare ResNet-18 on ready tensors, over `n` steps."
+    m, x, y, opt, use_bf16, device = _bare_resnet(size, bs, fast, device)
+    best = dict(forward=math.inf, backward=math.inf, step=math.inf)
+    def tick(): _sync(device); return time.perf_counter()
+    for k in range(n + 2):
+        t0 = tick()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = nn.functional.cross_entropy(m(x), y)
+        t1 = tick(); loss.backward(); t2 = tick(); opt.step(); opt.zero_grad(); t3 = tick()
+        if k >= 2:
+            for part, a, b in (('forward', t0, t1), ('backward', t1, t2), ('step', t2, t3)): best[part] = min(best[part], 1e3 * (b - a))
+    return best
+
+def bench_parts(methods=('simclr', 'moco', 'simsiam', 'byol'), data='default', size: int = 64, bs: int = 64,
+                n_batches: int = 16, workers: int | None = None) -> list[dict]:
+    "Per method, the fastest ms of each step part, next to the bare backbone's (two views' worth), and the overhead."
+    from fgssl_nb.learner import ssl_learner, resolve_precision
+    dls = ssl_dls(read_dataset(data), size=size, bs=bs, valid_pct=0.02, num_workers=workers)
+    for _ in dls.train: pass  # steady state: the decoded-image cache is full
+    fast = resolve_precision('auto', dls.device) != 'fp32'
+    rows = [dict(method='bare backbone', **{**dict.fromkeys(STEP_PARTS, 0.0), **bare_parts(size, 2 * bs, fast, n_batches)})]
+    for m in methods: rows.append(dict(method=m, **step_parts(ssl_learner(dls, m, precision='auto'), n_batches)))
+    bare = sum(rows[0][p] for p in STEP_PARTS)
+    for r in rows:
+        r['total'] = sum(r[p] for p in STEP_PARTS)
+        r['overhead_%'] = 100 * (r['total'] / bare - 1)
+    return rows

@@ -5,8 +5,7 @@
 # %% ../nbs/13_byol.ipynb #edf9dda0
 from __future__ import annotations
 import torch, torch.nn as nn, torch.nn.functional as F
-from fastai.optimizer import Adam
-from .learner import SSLCallback, register_method
+from .learner import SSLCallback, register_method, fast_adam
 from .models import SSLModel, mlp, Encoder, cosine_momentum
 
 # %% auto #0
@@ -22,7 +21,7 @@ def byol_loss(q1, q2, z1, z2) -> torch.Tensor:
 @register_method
 class BYOL(SSLCallback):
     "BYOL: online projector + predictor, EMA target network with a cosine momentum schedule."
-    name, lr, wd, opt_func = 'byol', 1e-3, 1e-6, Adam
+    name, lr, wd, opt_func = 'byol', 1e-3, 1e-6, fast_adam
     model_args = ('proj_hidden', 'proj_dim')
     def __init__(self, views, momentum: float = 0.99, **kwargs):
         super().__init__(views, **kwargs); self.base_momentum = momentum

@@ -13,7 +13,7 @@ from .data import read_dataset, labeled_dls, ssl_dls, ImageError, READERS
 
 # %% auto #0
 __all__ = ['EVAL_PROTOCOLS', 'METRIC_COLS', 'die', 'save_batch_grid', 'data_summary', 'pretrain_run', 'parse_kw',
-           'fgssl_pretrain', 'evaluate_run', 'fgssl_eval', 'results_table', 'demo', 'fgssl_demo']
+           'fgssl_pretrain', 'evaluate_run', 'fgssl_eval', 'results_table', 'demo_views', 'demo', 'fgssl_demo']
 
 # %% ../nbs/40_cli.ipynb #cd34b558
 def die(msg: str):
@@ -125,7 +125,7 @@ def fgssl_pretrain(method: Param("SSL method: simclr, moco, simsiam, byol, jigsa
                    seed: Param("random seed (same seed, same numbers on the CPU)", int) = 0,
                    out: Param("run folder: config.json, log.csv, checkpoint.pth, encoder.pth", str) = 'runs/run',
                    resume: Param("continue the interrupted run in --out from its last checkpoint", store_true) = False,
-                   views: Param("view pipeline (default: the method's); see fgssl_nb.augment", str) = None,
+                   views: Param("view recipe (default: the method's own): simclr, moco, simsiam, byol, hue (for classes that do not depend on colour), or a system-1 pair: gamma, dropout, regions, patchswap, dcl, jigsaw", str) = None,
                    precision: Param("auto (bf16 where the hardware is fast at it), fp32 (exact), bf16, fp16 (CUDA)", str) = 'auto',
                    workers: Param("DataLoader workers (default: min(4, cores))", int) = None,
                    no_knn: Param("skip the per-epoch k-NN monitor", store_true) = False,
@@ -231,17 +231,23 @@ def results_table(rows: list[dict]) -> str:
     return '\n'.join(lines)
 
 # %% ../nbs/40_cli.ipynb #d83657f3
-def demo(data='default', out='runs/demo', method: str = 'byol', epochs: int = 20, size: int = 64, bs: int = 64,
-         seed: int = 0, precision: str = 'auto', resume: bool = False, supervised: bool = True) -> list[dict]:
+def demo_views(data, method: str, views: str | None = 'auto') -> str | None:
+    "`views='auto'`: `hue` views for a view-based method on the built-in toy birds (colour is random there), else the method's own."
+    if views != 'auto': return views
+    return 'hue' if str(data) == 'default' and method in ('simclr', 'moco', 'simsiam', 'byol') else None
+
+def demo(data='default', out='runs/demo', method: str = 'simclr', epochs: int = 20, size: int = 64, bs: int = 64,
+         seed: int = 0, precision: str = 'auto', resume: bool = False, supervised: bool = True,
+         views: str | None = 'auto') -> list[dict]:
     "The main job: data summary, pretrain `method`, evaluate it, a supervised reference and the random-init floor, print the table."
     out = Path(out)
     ds = read_dataset(data)
     data_summary(ds, out, size)
-    run = out / method
+    run, views = out / method, demo_views(data, method, views)
     if resume and (run / 'encoder.pth').exists(): print(f"{run}: pretraining already done, reusing it")
-    else: pretrain_run(method, data, size=size, bs=bs, epochs=epochs, seed=seed, out=run, precision=precision,
+    else: pretrain_run(method, data, size=size, bs=bs, epochs=epochs, seed=seed, out=run, precision=precision, views=views,
                        resume=resume and (run / 'checkpoint.pth').exists())
-    rows = [dict(evaluate_run(run), name=f'{method} ({epochs} ep)')]
+    rows = [dict(evaluate_run(run), name=f"{method}{f' + {views} views' if views else ''} ({epochs} ep)")]
     if supervised:  # the reference with labels: the same ResNet-18 trained on the labelled train split
         sup = out / 'supervised'
         if not (sup / 'encoder.pth').exists():
@@ -257,7 +263,8 @@ def demo(data='default', out='runs/demo', method: str = 'byol', epochs: int = 20
 @call_parse
 def fgssl_demo(data: Param("data folder, or 'default' for the built-in toy birds", str) = 'default',
                out: Param("folder for the outputs", str) = 'runs/demo',
-               method: Param("SSL method to pretrain: simclr, moco, simsiam, byol", str) = 'byol',
+               method: Param("SSL method to pretrain: simclr, moco, simsiam, byol", str) = 'simclr',
+               views: Param("view recipe (see fgssl_pretrain --help); auto: hue views on the built-in toy birds, whose colours are random, else the method's own", str) = 'auto',
                epochs: Param("pretraining epochs", int) = 20,
                size: Param("image size in px", int) = 64,
                bs: Param("batch size", int) = 64,
@@ -267,5 +274,5 @@ def fgssl_demo(data: Param("data folder, or 'default' for the built-in toy birds
                no_supervised: Param("skip the supervised reference row", store_true) = False):
     "The main job: show the data, pretrain an SSL method, evaluate it against a random-init encoder."
     _check_train_args(size, bs, epochs)
-    try: demo(data, out, method, epochs, size, bs, seed, precision, resume, not no_supervised)
+    try: demo(data, out, method, epochs, size, bs, seed, precision, resume, not no_supervised, views)
     except _user_errors() as e: die(str(e))

@@ -108,7 +108,7 @@ def summarize(df: pd.DataFrame, metrics=None) -> pd.DataFrame:
     "Mean and std over seeds of each metric, one row per entry name (order of first appearance)."
     metrics = [m for m in (metrics or METRICS + ['finetune_top1', 'supervised_top1', 'head_top1']) if m in df]
     g = df.groupby('name', sort=False)[metrics]
-    s = g.mean().join(g.std(ddof=1).fillna(0.0), rsuffix='_std')
+    s = g.mean().join(g.std(ddof=1).fillna(0.0).add_suffix('_std'))
     s.insert(0, 'seeds', df.groupby('name', sort=False).size())
     return s
 

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from fastcore.basics import store_attr
 import torch
-from fastai.vision.all import (DataBlock, TransformBlock, CategoryBlock, PILImage, IndexSplitter, ToTensor,
+from fastai.vision.all import (DataBlock, TransformBlock, CategoryBlock, PILImage, TensorImage, IndexSplitter, ToTensor,
                                IntToFloatTensor, Transform, untar_data, URLs, default_device)
 from .toybirds import make_toybirds
 
@@ -390,14 +390,17 @@ class ImageRef:
     def __repr__(self): return f"ImageRef({str(self.path)!r}, box={self.box}, label={self.label})"
 
 class LoadImage(Transform):
-    "Load an `ImageRef` as a `PILImage` of `size` px (see `load_image`); with `cache`, each image is decoded once."
+    """Load an `ImageRef` as a `PILImage` of `size` px (see `load_image`); with `cache`, each image is decoded once
+    and served as the uint8 `TensorImage` that fastai's `ToTensor` would make of it (no PIL round trip)."""
     def __init__(self, size: int, trim_bottom: int = 0, resize: str = 'crop', cache: bool = False):
         store_attr(); self.memo = {}
-    def encodes(self, r: ImageRef) -> PILImage:
+    def encodes(self, r: ImageRef):  # no return annotation: fastcore would cast the cached tensor to it
         if not self.cache: return PILImage(load_image(r.path, self.size, r.box, self.trim_bottom, self.resize))
         key = (r.path, r.box)
-        if key not in self.memo: self.memo[key] = np.asarray(load_image(r.path, self.size, r.box, self.trim_bottom, self.resize))
-        return PILImage(Image.fromarray(self.memo[key]))
+        if key not in self.memo:
+            im = np.asarray(load_image(r.path, self.size, r.box, self.trim_bottom, self.resize))
+            self.memo[key] = torch.from_numpy(im.copy()).permute(2, 0, 1)  # C, H, W like image2tensor
+        return TensorImage(self.memo[key])
 
 CACHE_LIMIT_BYTES = 2 ** 30  # 'auto' keeps decoded images in memory when they fit in 1 GiB
 

@@ -15,7 +15,7 @@ from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.progress import CSVLogger
 from fastai.callback.tracker import TerminateOnNaNCallback
-from fastai.optimizer import Adam, SGD
+from fastai.optimizer import Adam, SGD, OptimWrapper
 from fastai.torch_core import set_seed
 from fastcore.foundation import L
 from .models import SSLModel, create_encoder, ssl_splitter, Encoder
@@ -24,8 +24,8 @@ from .bench import cpu_has_bf16
 # %% auto #0
 __all__ = ['METHODS', 'TRAINERS', 'METHOD_MODULES', 'SSLCallback', 'DeviceMixedPrecision', 'resolve_precision', 'EmbeddingStd',
            'KNNMonitor', 'NaNGuard', 'atomic_save', 'RunCheckpoint', 'RunCSVLogger', 'resume_from_checkpoint',
-           'register_method', 'register_trainer', 'get_method', 'method_options', 'method_names', 'ssl_learner',
-           'save_encoder', 'load_encoder', 'pretrain']
+           'fast_adam', 'fast_sgd', 'register_method', 'register_trainer', 'get_method', 'method_options',
+           'method_names', 'ssl_learner', 'save_encoder', 'load_encoder', 'pretrain']
 
 # %% ../nbs/03_learner.ipynb #d7a41021
 class SSLCallback(Callback):
@@ -195,6 +195,28 @@ def resume_from_checkpoint(learn, run_dir) -> int:
     _set_rng_state(learn, ck['rng'])
     learn._resume_smooth, learn._resume_scaler = ck.get('smooth_loss'), ck.get('scaler')
     return ck['epoch'] + 1
+
+# %% ../nbs/03_learner.ipynb #ca06a501
+def _torch_opt(cls, params, impl: str, **kwargs) -> OptimWrapper:
+    "`cls` on torch's fused kernel (`impl='fused'`, falling back to multi-tensor where the device has none) or `'foreach'`."
+    if impl not in ('fused', 'foreach'): raise ValueError(f"impl must be 'fused' or 'foreach', got {impl!r}")
+    params = list(params)
+    if impl == 'fused':
+        try: return OptimWrapper(params, cls, fused=True, **kwargs)
+        except (RuntimeError, ValueError): pass  # a device or dtype without a fused kernel
+    return OptimWrapper(params, cls, foreach=True, **kwargs)
+
+def fast_adam(params, lr: float = 1e-3, mom: float = 0.9, sqr_mom: float = 0.99, eps: float = 1e-5, wd: float = 0.01,
+              decouple_wd: bool = True, impl: str = 'fused') -> OptimWrapper:
+    "fastai's `Adam` (same arguments, defaults and update) on torch's fused kernel: AdamW, or Adam with L2 if not `decouple_wd`."
+    cls = torch.optim.AdamW if decouple_wd else torch.optim.Adam
+    return _torch_opt(cls, params, impl, lr=lr, betas=(mom, sqr_mom), eps=eps, weight_decay=wd)
+
+def fast_sgd(params, lr: float = 1e-3, mom: float = 0.9, wd: float = 0.0, decouple_wd: bool = False,
+             impl: str = 'fused') -> OptimWrapper:
+    "fastai's `SGD` with momentum and L2 weight decay (`decouple_wd=False`, as MoCo v2 and SimSiam) on torch's fused kernel."
+    if decouple_wd: raise ValueError("fast_sgd implements L2 (coupled) weight decay only; use fastai's SGD for decoupled decay")
+    return _torch_opt(torch.optim.SGD, params, impl, lr=lr, momentum=mom, weight_decay=wd)
 
 # %% ../nbs/03_learner.ipynb #e1af9f48
 METHODS: dict = {}

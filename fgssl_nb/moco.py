@@ -6,8 +6,7 @@
 from __future__ import annotations
 from functools import partial
 import torch, torch.nn as nn, torch.nn.functional as F
-from fastai.optimizer import SGD
-from .learner import SSLCallback, register_method
+from .learner import SSLCallback, register_method, fast_sgd
 from .models import SSLModel, mlp, Encoder
 
 # %% auto #0
@@ -40,7 +39,7 @@ class KeyQueue(nn.Module):
 @register_method
 class MoCo(SSLCallback):
     "MoCo v2: query encoder + momentum key encoder, InfoNCE against a queue of negatives."
-    name, lr, wd, opt_func = 'moco', 0.03 * 64 / 256, 1e-4, partial(SGD, mom=0.9, decouple_wd=False)
+    name, lr, wd, opt_func = 'moco', 0.03 * 64 / 256, 1e-4, partial(fast_sgd, mom=0.9)  # SGD, L2 decay
     moms = (0.9, 0.9, 0.9)  # the paper's SGD: fixed momentum, L2 weight decay (fastai's one-cycle would cycle it)
     model_args = ('proj_hidden', 'proj_dim', 'queue_size')
     def __init__(self, views, temperature: float = 0.2, momentum: float = 0.99, symmetric: bool = False, **kwargs):

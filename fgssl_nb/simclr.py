@@ -6,8 +6,7 @@
 from __future__ import annotations
 from functools import partial
 import torch, torch.nn as nn, torch.nn.functional as F
-from fastai.optimizer import Adam
-from .learner import SSLCallback, register_method
+from .learner import SSLCallback, register_method, fast_adam
 from .models import SSLModel, mlp, Encoder
 
 # %% auto #0
@@ -27,7 +26,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
 @register_method
 class SimCLR(SSLCallback):
     "SimCLR: two views, projection MLP, NT-Xent."
-    name, lr, wd, opt_func = 'simclr', 1e-3, 1e-5, Adam
+    name, lr, wd, opt_func = 'simclr', 1e-3, 1e-5, fast_adam  # fastai's Adam on torch's fused kernel
     model_args = ('proj_hidden', 'proj_dim')
     def __init__(self, views, temperature: float = 0.5, **kwargs):
         super().__init__(views, **kwargs); self.temperature = temperature

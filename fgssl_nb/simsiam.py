@@ -6,8 +6,7 @@
 from __future__ import annotations
 from functools import partial
 import torch, torch.nn as nn, torch.nn.functional as F
-from fastai.optimizer import SGD
-from .learner import SSLCallback, register_method
+from .learner import SSLCallback, register_method, fast_sgd
 from .models import SSLModel, mlp, Encoder
 
 # %% auto #0
@@ -26,7 +25,7 @@ def simsiam_loss(p1, p2, z1, z2) -> torch.Tensor:
 @register_method
 class SimSiam(SSLCallback):
     "SimSiam: projector + predictor, symmetric negative cosine with stop-gradient."
-    name, lr, wd, opt_func = 'simsiam', 0.05 * 64 / 256, 5e-4, partial(SGD, mom=0.9, decouple_wd=False)
+    name, lr, wd, opt_func = 'simsiam', 0.05 * 64 / 256, 5e-4, partial(fast_sgd, mom=0.9)  # SGD, L2 decay
     moms = (0.9, 0.9, 0.9)  # the paper's SGD: fixed momentum, L2 weight decay
     model_args = ('proj_dim', 'pred_hidden')
     @classmethod

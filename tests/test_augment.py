@@ -184,7 +184,7 @@ def test_make_views_and_registry():
     x = torch.rand(4, 3, 32, 32)
     assert len(make_views(x, moco_views(16))) == 2 and len(make_views(x, moco_views(16), n=3)) == 3
     assert len(make_views(x, byol_views(16), n=4)) == 4
-    assert set(VIEWS) == {'simclr', 'moco', 'simsiam', 'byol', 'gamma', 'dropout', 'regions', 'patchswap', 'dcl', 'jigsaw'}
+    assert set(VIEWS) == {'simclr', 'moco', 'simsiam', 'byol', 'hue', 'gamma', 'dropout', 'regions', 'patchswap', 'dcl', 'jigsaw'}
     b1, b2 = get_views('byol', 16)
     assert (b1.name, b2.name) == ('byol1', 'byol2')
     s = get_views('simclr', 16)

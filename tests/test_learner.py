@@ -175,3 +175,43 @@ def test_small_pool_bad_bs_one_line(birds, tmp_path):
     cmd = [str(BIN / 'fgssl_pretrain'), '--data', str(birds), '--out', str(tmp_path / 'x'), '--bs', '64', '--size', '32', '--workers', '0']
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and 'fewer than one batch of 64; lower --bs' in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_fast_optimisers_follow_the_textbook_update():
+    "fast_adam / fast_sgd against Adam (decoupled decay) and SGD with momentum + L2 written out by hand, lr and beta1 changing per step."
+    from fgssl_nb.learner import fast_adam, fast_sgd
+    g = np.random.default_rng(0)
+    w0, grads = g.normal(size=5), g.normal(size=(4, 5))
+    lrs, moms, sqr_mom, eps, wd = [0.1, 0.2, 0.05, 0.1], [0.95, 0.9, 0.85, 0.9], 0.99, 1e-5, 0.03
+    # Adam with decoupled weight decay (AdamW), bias-corrected with the current beta1, as one-cycle schedules it
+    w, m, v = w0.copy(), np.zeros(5), np.zeros(5)
+    for t, (gr, lr, b1) in enumerate(zip(grads, lrs, moms), 1):
+        w = w * (1 - lr * wd)
+        m, v = b1 * m + (1 - b1) * gr, sqr_mom * v + (1 - sqr_mom) * gr ** 2
+        w = w - lr / (1 - b1 ** t) * m / (np.sqrt(v / (1 - sqr_mom ** t)) + eps)
+    p = torch.nn.Parameter(torch.tensor(w0))
+    opt = fast_adam([p], lr=lrs[0], sqr_mom=sqr_mom, eps=eps, wd=wd)
+    for gr, lr, b1 in zip(grads, lrs, moms):
+        opt.set_hypers(lr=lr, mom=b1); p.grad = torch.tensor(gr); opt.step()
+    np.testing.assert_allclose(p.detach().numpy(), w, rtol=1e-6)
+    # SGD, momentum buffer started at the first gradient, L2 decay added to the gradient
+    w, buf = w0.copy(), None
+    for gr, lr in zip(grads, lrs):
+        d = gr + wd * w
+        buf = d if buf is None else 0.9 * buf + d
+        w = w - lr * buf
+    p = torch.nn.Parameter(torch.tensor(w0))
+    opt = fast_sgd([p], lr=lrs[0], mom=0.9, wd=wd)
+    for gr, lr in zip(grads, lrs):
+        opt.set_hypers(lr=lr); p.grad = torch.tensor(gr); opt.step()
+    np.testing.assert_allclose(p.detach().numpy(), w, rtol=1e-6)
+
+
+@pytest.mark.parametrize('method,cls', [('simclr', torch.optim.AdamW), ('byol', torch.optim.AdamW),
+                                        ('moco', torch.optim.SGD), ('simsiam', torch.optim.SGD)])
+def test_core_methods_train_with_torch_kernels(birds, tmp_path, method, cls):
+    from fastai.optimizer import OptimWrapper
+    learn = _learner(birds, method, None)
+    learn.create_opt()
+    assert isinstance(learn.opt, OptimWrapper) and type(learn.opt.opt) is cls
+    assert learn.opt.opt.defaults['fused'] or learn.opt.opt.defaults['foreach']
