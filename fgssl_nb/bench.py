@@ -98,6 +98,12 @@ def _timed_fit(learn, n_batches: int, skip: int = 2) -> float:
     with learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=[t])
     return t.n / (t.t1 - t.t0)
 
+def _clear_cache(dls):
+    "Forget the decoded images of `dls`'s cache, so that the next pass decodes again, as a first epoch does."
+    for tl in dls.train_ds.tls:
+        for f in tl.tfms.fs:
+            if hasattr(f, 'memo'): f.memo.clear()
+
 def _without_views(learn):
     "`learn` with its view pipelines replaced by normalisation only: what it costs without making views."
     from fgssl_nb.augment import ViewPipeline
@@ -134,24 +140,29 @@ def bench_methods(methods=('simclr', 'moco', 'simsiam', 'byol'), data='default',
                   n_batches: int = 8, workers: int | None = None, skip: int = 3, steady: bool = True,
                   rounds: int = 3) -> list[dict]:
     """Training images/s per method (fast path and exact fp32) against the bare backbone and a plain fp32 pipeline.
-    `steady`: time the steady state, from the second epoch on (a cached pool is decoded by one pass first); else the first epoch.
+    `steady`: time the steady state, from the second epoch on (a cached pool is decoded by one pass first); else
+    first-epoch batches (the cache is emptied before every timed run).
     On a shared machine the speed drifts by tens of percent within minutes, so each round times the bare backbone, the
     method and the method without views back to back; images/s are the best of `rounds`, ratios the median of the
     rounds' ratios. The fp32 figures are measured once."""
     from fgssl_nb.learner import ssl_learner, resolve_precision
     ds = read_dataset(data)
     dls = ssl_dls(ds, size=size, bs=bs, valid_pct=0.02, num_workers=workers)
+    if skip + n_batches > len(dls.train):
+        raise ValueError(f"an epoch has {len(dls.train)} training batches of {bs}; timing {n_batches} after {skip} warm-up "
+                         f"batches needs {skip + n_batches}: ask for fewer batches or a smaller batch size")
     if steady:
         for _ in dls.train: pass  # what the first epoch does: fill the decoded-image cache (a no-op for an uncached pool)
     fast = resolve_precision('auto', dls.device)
+    timed = _timed_fit if steady else (lambda learn, *a: (_clear_cache(dls), _timed_fit(learn, *a))[1])  # always decode anew
     learners = {m: ssl_learner(dls, m, precision="auto") for m in methods}
     no_views = {m: _without_views(ssl_learner(dls, m, precision="auto")) for m in methods}
     t = {(k, m): [] for m in methods for k in ('bare', 'train', 'nv', 'plain')}
     for _ in range(rounds):
         for m in methods:
             t['bare', m].append(model_throughput(size, 2 * bs, fast=fast != 'fp32', steps=n_batches) / 2)
-            t['train', m].append(_timed_fit(learners[m], n_batches, skip))
-            t['nv', m].append(_timed_fit(no_views[m], n_batches, skip))
+            t['train', m].append(timed(learners[m], n_batches, skip))
+            t['nv', m].append(timed(no_views[m], n_batches, skip))
             t['plain', m].append(plain_fp32_throughput(data, size, bs, n_batches) if m == methods[0] else math.nan)
     plain = max(t['plain', methods[0]])
     bare_fp32 = model_throughput(size, 2 * bs, fast=False, steps=n_batches) / 2
@@ -159,7 +170,7 @@ def bench_methods(methods=('simclr', 'moco', 'simsiam', 'byol'), data='default',
     rows = []
     for m in methods:
         r = dict(method=m, precision=fast, steady=steady, train=max(t['train', m]))
-        r["train_fp32"] = _timed_fit(ssl_learner(dls, m, precision="fp32"), n_batches, skip)
+        r["train_fp32"] = timed(ssl_learner(dls, m, precision="fp32"), n_batches, skip)
         r['bare_backbone'], r['bare_fp32'], r['plain_fp32'] = max(t['bare', m]), bare_fp32, plain
         r['overhead_%'] = pct(t['bare', m], t['train', m])
         r['views_%'] = pct(t['nv', m], t['train', m])         # the view pipelines' share
@@ -180,6 +191,7 @@ def fgssl_bench(what: Param("what to measure: 'loader' (ssl_dls vs ResNet-18 tra
                 rounds: Param("methods: interleaved rounds; images/s are the best round, ratios the median", int) = 3):
     "Print throughput benchmarks of this machine."
     if what not in ('loader', 'methods', 'parts'): raise SystemExit(f"fgssl_bench: unknown benchmark {what!r}; available: loader, methods, parts")
+    if batches < 1 or rounds < 1: raise SystemExit(f"fgssl_bench: --batches and --rounds must be at least 1, got {batches} and {rounds}")
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"bf16 CPU: {cpu_has_bf16()}, CUDA: {torch.cuda.is_available()}")
     if what == 'loader':
@@ -192,7 +204,8 @@ def fgssl_bench(what: Param("what to measure: 'loader' (ssl_dls vs ResNet-18 tra
         print("ms per training step of the bare backbone (two views' worth) and of each method, fastest occurrence of each part; "
               "overhead_% = method total over bare total (goal <= 10)")
     else:
-        rows = bench_methods(data=data, size=sizes[0], bs=bs, workers=workers, steady=not first_epoch, n_batches=batches, rounds=rounds)
+        try: rows = bench_methods(data=data, size=sizes[0], bs=bs, workers=workers, steady=not first_epoch, n_batches=batches, rounds=rounds)
+        except ValueError as e: raise SystemExit(f"fgssl_bench: {e}") from None
         print(format_rows(rows))
         print("source images/s (2 views each); bare_* = ResNet-18 fwd+bwd on ready tensors of both views; "
               "overhead_% = views+heads+loss over bare (goal <= 10), split into views_% (the view pipelines) and heads_loop_% "

@@ -247,7 +247,9 @@ def demo(data='default', out='runs/demo', method: str = 'simclr', epochs: int = 
     if resume and (run / 'encoder.pth').exists(): print(f"{run}: pretraining already done, reusing it")
     else: pretrain_run(method, data, size=size, bs=bs, epochs=epochs, seed=seed, out=run, precision=precision, views=views,
                        resume=resume and (run / 'checkpoint.pth').exists())
-    rows = [dict(evaluate_run(run), name=f"{method}{f' + {views} views' if views else ''} ({epochs} ep)")]
+    cfg = run / 'config.json'
+    if cfg.exists(): views = json.loads(cfg.read_text()).get('views')  # a resumed or reused run: the views it trained with
+    rows = [dict(evaluate_run(run), name=f"{method}{f' + {views} views' if views and views != method else ''} ({epochs} ep)")]
     if supervised:  # the reference with labels: the same ResNet-18 trained on the labelled train split
         sup = out / 'supervised'
         if not (sup / 'encoder.pth').exists():

@@ -434,7 +434,7 @@ def _dls(items, size, bs, n_valid, ds, labels, seed, num_workers, device, verify
     if verify: verify_images([r.path for r in items], deep=verify == 'deep')
     rng = np.random.default_rng(seed)
     valid = list(range(len(items) - n_valid, len(items))) if labels is not None else rng.permutation(len(items))[:n_valid].tolist()
-    img = TransformBlock(batch_tfms=IntToFloatTensor)  # like ImageBlock, but LoadImage already makes the PILImage
+    img = TransformBlock(batch_tfms=IntToFloatTensor)  # like ImageBlock, but LoadImage already makes the image (PIL, or uint8 tensor when cached)
     blocks = (img, CategoryBlock(vocab=list(ds.classes), sort=False)) if labels is not None else (img,)
     cached = _use_cache(cache, len(items), size)
     getters = [LoadImage(size, ds.trim_bottom, resize, cache=cached)]

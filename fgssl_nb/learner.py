@@ -22,10 +22,10 @@ from .models import SSLModel, create_encoder, ssl_splitter, Encoder
 from .bench import cpu_has_bf16
 
 # %% auto #0
-__all__ = ['METHODS', 'TRAINERS', 'METHOD_MODULES', 'SSLCallback', 'DeviceMixedPrecision', 'resolve_precision', 'EmbeddingStd',
-           'KNNMonitor', 'NaNGuard', 'atomic_save', 'RunCheckpoint', 'RunCSVLogger', 'resume_from_checkpoint',
-           'fast_adam', 'fast_sgd', 'register_method', 'register_trainer', 'get_method', 'method_options',
-           'method_names', 'ssl_learner', 'save_encoder', 'load_encoder', 'pretrain']
+__all__ = ['FUSED_DEVICES', 'METHODS', 'TRAINERS', 'METHOD_MODULES', 'SSLCallback', 'DeviceMixedPrecision', 'resolve_precision',
+           'EmbeddingStd', 'KNNMonitor', 'NaNGuard', 'atomic_save', 'RunCheckpoint', 'RunCSVLogger',
+           'resume_from_checkpoint', 'fast_adam', 'fast_sgd', 'register_method', 'register_trainer', 'get_method',
+           'method_options', 'method_names', 'ssl_learner', 'save_encoder', 'load_encoder', 'pretrain']
 
 # %% ../nbs/03_learner.ipynb #d7a41021
 class SSLCallback(Callback):
@@ -190,25 +190,37 @@ def resume_from_checkpoint(learn, run_dir) -> int:
     try: ck = torch.load(f, map_location=learn.dls.device, weights_only=False)
     except Exception as e: raise ValueError(f"{f}: unreadable checkpoint ({type(e).__name__}: {e})") from e
     learn.model.load_state_dict(ck['model'])
+    # torch optimisers put their loaded state on the device of each parameter *now*: move the model first (fastai would
+    # only move it in before_fit, leaving the state behind on the CPU of a CUDA run)
+    learn.model.to(learn.dls.device or torch.device('cpu'))
     if learn.opt is None: learn.create_opt()
-    learn.opt.load_state_dict(ck['opt'])
+    try: learn.opt.load_state_dict(ck['opt'])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{f}: its optimiser state does not fit this run's optimiser ({type(e).__name__}: {e}); a checkpoint "
+                         "written with fastai's Python optimisers (fgssl_nb before the fused kernels) resumes only with "
+                         "ssl_learner(..., opt_func=fastai.optimizer.Adam or SGD); or start the run again") from e
     _set_rng_state(learn, ck['rng'])
     learn._resume_smooth, learn._resume_scaler = ck.get('smooth_loss'), ck.get('scaler')
     return ck['epoch'] + 1
 
 # %% ../nbs/03_learner.ipynb #ca06a501
+FUSED_DEVICES = ('cpu', 'cuda')  # where torch has fused Adam/AdamW/SGD kernels for float parameters
+
+def _fusable(params) -> bool:
+    "True when every parameter is a float tensor on a device with fused kernels (torch only checks at the first step)."
+    ps = [p for g in params for p in (g['params'] if isinstance(g, dict) else g if isinstance(g, (list, tuple)) else [g])]
+    return all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in ps)
+
 def _torch_opt(cls, params, impl: str, **kwargs) -> OptimWrapper:
-    "`cls` on torch's fused kernel (`impl='fused'`, falling back to multi-tensor where the device has none) or `'foreach'`."
+    "`cls` on torch's fused kernel (`impl='fused'`; multi-tensor where a parameter's device has none) or `'foreach'`."
     if impl not in ('fused', 'foreach'): raise ValueError(f"impl must be 'fused' or 'foreach', got {impl!r}")
     params = list(params)
-    if impl == 'fused':
-        try: return OptimWrapper(params, cls, fused=True, **kwargs)
-        except (RuntimeError, ValueError): pass  # a device or dtype without a fused kernel
-    return OptimWrapper(params, cls, foreach=True, **kwargs)
+    fused = impl == 'fused' and _fusable(params)
+    return OptimWrapper(params, cls, **({'fused': True} if fused else {'foreach': True}), **kwargs)
 
 def fast_adam(params, lr: float = 1e-3, mom: float = 0.9, sqr_mom: float = 0.99, eps: float = 1e-5, wd: float = 0.01,
               decouple_wd: bool = True, impl: str = 'fused') -> OptimWrapper:
-    "fastai's `Adam` (same arguments, defaults and update) on torch's fused kernel: AdamW, or Adam with L2 if not `decouple_wd`."
+    "fastai's `Adam` (same arguments, defaults and update) on torch's fused kernel: AdamW, or Adam with L2 if not `decouple_wd`; decays every parameter, BatchNorm and biases included."
     cls = torch.optim.AdamW if decouple_wd else torch.optim.Adam
     return _torch_opt(cls, params, impl, lr=lr, betas=(mom, sqr_mom), eps=eps, weight_decay=wd)
 

@@ -209,9 +209,31 @@ def test_fast_optimisers_follow_the_textbook_update():
 
 @pytest.mark.parametrize('method,cls', [('simclr', torch.optim.AdamW), ('byol', torch.optim.AdamW),
                                         ('moco', torch.optim.SGD), ('simsiam', torch.optim.SGD)])
-def test_core_methods_train_with_torch_kernels(birds, tmp_path, method, cls):
+def test_core_methods_use_torch_fused_kernels(birds, tmp_path, method, cls):
     from fastai.optimizer import OptimWrapper
     learn = _learner(birds, method, None)
     learn.create_opt()
     assert isinstance(learn.opt, OptimWrapper) and type(learn.opt.opt) is cls
-    assert learn.opt.opt.defaults['fused'] or learn.opt.opt.defaults['foreach']
+    assert learn.opt.opt.defaults['fused'] is True  # CPU and CUDA have fused kernels
+
+
+def test_old_fastai_optimiser_checkpoint_is_one_clear_error(birds, tmp_path):
+    "A checkpoint whose optimiser state has fastai's layout (written before the fused kernels) is refused with the way out."
+    from fastai.optimizer import Adam
+    a = _learner(birds, 'simclr', tmp_path / 'r'); a.opt_func = Adam
+    a.add_cb(StopAfter(1)); pretrain(a, 2, run_dir=tmp_path / 'r', progress=False)
+    with pytest.raises(ValueError, match="fastai's Python optimisers"):
+        pretrain(_learner(birds, 'simclr', tmp_path / 'r'), 2, run_dir=tmp_path / 'r', resume=True, progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_resume_puts_optimiser_state_on_the_device(birds, tmp_path):
+    from fgssl_nb.learner import resume_from_checkpoint
+    b = _learner(birds, 'simclr', tmp_path / 'c', precision='auto'); b.add_cb(StopAfter(1))
+    pretrain(b, 2, run_dir=tmp_path / 'c', progress=False)
+    c = _learner(birds, 'simclr', tmp_path / 'c', precision='auto')
+    resume_from_checkpoint(c, tmp_path / 'c')
+    for p, st in c.opt.opt.state.items():
+        for v in st.values():
+            if torch.is_tensor(v) and v.dim() > 0: assert v.device == p.device
+    pretrain(_learner(birds, 'simclr', tmp_path / 'c', precision='auto'), 2, run_dir=tmp_path / 'c', resume=True, progress=False)
