@@ -46,3 +46,12 @@ class StopAfter(Callback):
     def __init__(self, n: int = 1): self.n = n
     def after_epoch(self):
         if self.epoch + 1 == self.n: raise CancelFitException
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    "Small tensors on a shared 2-core machine: one torch thread is several times faster than two (use via pytestmark)."
+    import torch
+    old = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -14,12 +14,7 @@ from fgssl_nb.evaluate import (extract_features, eval_dl, linear_probe, fit_logi
                                evaluate_features, WD_GRID)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    "Small tensors on a shared 2-core machine: one torch thread is several times faster than two."
-    old = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest: small tensors run faster on one thread
 
 
 def resnet18(seed=0):

@@ -16,12 +16,7 @@ from fgssl_nb.supervised import (PMGModel, PMGCallback, LabeledAugment, pmg_loss
                                  supervised_learner, pmg_learner, train_supervised, train_pmg)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    "Small tensors on a shared 2-core machine: one torch thread is faster than two."
-    old = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest: small tensors run faster on one thread
 
 
 @pytest.fixture(scope='module')
