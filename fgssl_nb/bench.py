@@ -13,7 +13,8 @@ from .data import read_dataset, ssl_dls
 
 # %% auto #0
 __all__ = ['STEP_PARTS', 'cpu_has_bf16', 'model_throughput', 'loader_throughput', 'bench_loader', 'format_rows',
-           'plain_fp32_throughput', 'bench_methods', 'fgssl_bench', 'step_parts', 'bare_parts', 'bench_parts']
+           'plain_fp32_throughput', 'bench_methods', 'fgssl_bench', 'step_parts', 'bare_parts', 'bench_parts',
+           'bench_eval', 'bench_fp32']
 
 # %% ../nbs/90_bench.ipynb #b09c470f
 def cpu_has_bf16() -> bool:
@@ -180,7 +181,9 @@ def bench_methods(methods=('simclr', 'moco', 'simsiam', 'byol'), data='default',
     return rows
 
 @call_parse
-def fgssl_bench(what: Param("what to measure: 'loader' (ssl_dls vs ResNet-18 training images/s), 'methods' (SSL training images/s) or 'parts' (ms per step part)", str, nargs='?', opt=False) = 'loader',
+def fgssl_bench(what: Param("what to measure: 'loader' (ssl_dls vs ResNet-18 training images/s), 'methods' (SSL training images/s), 'parts' (ms per step part), 'eval' (evaluation vs one forward pass) or 'fp32' (levers on the fp32 step)", str, nargs='?', opt=False) = 'loader',
+                arch: Param("eval: encoder architecture", str) = 'resnet18',
+                pretrained: Param("eval: ImageNet weights (offline: efficientnet_lite0)", store_true) = False,
                 data: Param("data folder, or 'default' for the built-in toy birds", str) = 'default',
                 sizes: Param("image sizes in px", int, nargs='+') = (64, 128),
                 bs: Param("batch size", int) = 64,
@@ -190,7 +193,7 @@ def fgssl_bench(what: Param("what to measure: 'loader' (ssl_dls vs ResNet-18 tra
                 batches: Param("methods: training batches timed per measurement (more: less noise on a shared machine)", int) = 8,
                 rounds: Param("methods: interleaved rounds; images/s are the best round, ratios the median", int) = 3):
     "Print throughput benchmarks of this machine."
-    if what not in ('loader', 'methods', 'parts'): raise SystemExit(f"fgssl_bench: unknown benchmark {what!r}; available: loader, methods, parts")
+    if what not in ('loader', 'methods', 'parts', 'eval', 'fp32'): raise SystemExit(f"fgssl_bench: unknown benchmark {what!r}; available: loader, methods, parts, eval, fp32")
     if batches < 1 or rounds < 1: raise SystemExit(f"fgssl_bench: --batches and --rounds must be at least 1, got {batches} and {rounds}")
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"bf16 CPU: {cpu_has_bf16()}, CUDA: {torch.cuda.is_available()}")
@@ -198,6 +201,15 @@ def fgssl_bench(what: Param("what to measure: 'loader' (ssl_dls vs ResNet-18 tra
         rows = bench_loader(data, tuple(sizes), bs, workers)
         print(format_rows(rows))
         print("images/s; model_* = ResNet-18 fwd+bwd+SGD on ready tensors; ratio = loader / faster model path (goal >= 2)")
+    elif what == 'eval':
+        rows = bench_eval(data, arch, pretrained, sizes[0], bs, workers)
+        print(format_rows(rows))
+        print("seconds; forward_s = the encoder's fp32 forward over as many ready tensors; ratio = whole evaluation / forward_s (goal <= 1.3)")
+    elif what == 'fp32':
+        rows = bench_fp32(data, sizes[0], n_batches=batches, rounds=rounds)
+        print(format_rows(rows))
+        print("SimCLR training step in fp32 (ResNet-18, cached pool); ratio = images/s over eager fp32 at batch 64 on all threads "
+              "(a lever worth adopting: >= 1.3); first_batch_s includes torch.compile's compile time")
     elif what == 'parts':
         rows = bench_parts(data=data, size=sizes[0], bs=bs, workers=workers, n_batches=max(batches, 12))
         print(format_rows(rows))
@@ -280,4 +292,65 @@ def bench_parts(methods=('simclr', 'moco', 'simsiam', 'byol'), data='default', s
     for r in rows:
         r['total'] = sum(r[p] for p in STEP_PARTS)
         r['overhead_%'] = 100 * (r['total'] / bare - 1)
+    return rows
+
+# %% ../nbs/90_bench.ipynb #62487a62
+def _bare_forward_seconds(enc, n: int, size: int, bs: int) -> float:
+    "Seconds of `enc`'s eval-mode forward over `n` images of `size` px in batches of `bs` (ready tensors)."
+    from fgssl_nb.data import normalize
+    from fgssl_nb.evaluate import eval_mode
+    x, nb = torch.rand(bs, 3, size, size), math.ceil(n / bs)
+    with torch.no_grad(), eval_mode(enc):
+        enc(normalize(x))  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(nb): enc(normalize(x))
+    return (time.perf_counter() - t0) * n / (nb * bs)
+
+def bench_eval(data='default', arch: str = 'resnet18', pretrained: bool = False, size: int = 64, bs: int = 64,
+               workers: int | None = None) -> list[dict]:
+    "Seconds of each part of the frozen-feature evaluation of an `arch` encoder on `data`, and their ratio to a bare forward pass."
+    from fgssl_nb.data import labeled_dls
+    from fgssl_nb.models import create_encoder
+    from fgssl_nb.evaluate import extract_features, eval_dl, linear_probe, knn_top1, retrieval_metrics
+    ds, enc = read_dataset(data), create_encoder(arch, pretrained=pretrained)
+    dls = labeled_dls(ds, size=size, bs=bs, valid='test', num_workers=workers)
+    t, t0 = {}, time.perf_counter()
+    te = extract_features(enc, eval_dl(dls, 'valid')); tr = extract_features(enc, eval_dl(dls, 'train'))
+    t['features'] = time.perf_counter() - t0
+    for name, fn in (('linear', lambda: linear_probe(*tr, *te)), ('knn', lambda: knn_top1(*tr, *te)),
+                     ('retrieval', lambda: retrieval_metrics(*te))):
+        t0 = time.perf_counter(); fn(); t[name] = time.perf_counter() - t0
+    n = len(tr[0]) + len(te[0])
+    fw = _bare_forward_seconds(enc, n, size, bs)
+    total = sum(t.values())
+    return [dict(data=Path(str(data)).name, arch=arch, size=size, images=n, forward_s=round(fw, 2),
+                 **{f'{k}_s': round(v, 2) for k, v in t.items()}, total_s=round(total, 2), ratio=round(total / fw, 2))]
+
+# %% ../nbs/90_bench.ipynb #825bb225
+def bench_fp32(data='default', size: int = 64, n_batches: int = 8, rounds: int = 2, compile: bool = True) -> list[dict]:
+    "Images/s of the fp32 SimCLR training step under each lever (channels_last, torch.compile, batch size, threads), and the ratio to eager fp32 at batch 64."
+    from fastai.callback.channelslast import ChannelsLast
+    from fgssl_nb.learner import ssl_learner
+    ds = read_dataset(data)
+    def learner(bs, cl=False, comp=False):
+        dls = ssl_dls(ds, size=size, bs=bs, valid_pct=0.02, num_workers=0)
+        for _ in dls.train: pass  # the steady state: decoded-image cache filled
+        learn = ssl_learner(dls, 'simclr', precision='fp32')
+        if cl: learn.add_cb(ChannelsLast())
+        if comp: learn.model.encoder.compile()
+        return learn
+    variants = [('eager', 64, {}), ('channels_last', 64, dict(cl=True))]
+    if compile: variants += [('compile', 64, dict(comp=True)), ('compile + channels_last', 64, dict(cl=True, comp=True))]
+    variants += [('eager', 32, {}), ('eager', 128, {}), ('eager, 1 thread', 64, {})]
+    rows, threads = [], torch.get_num_threads()
+    for name, bs, kw in variants:
+        if '1 thread' in name: torch.set_num_threads(1)
+        try:
+            learn = learner(bs, **kw)
+            t0 = time.perf_counter(); _timed_fit(learn, 1, 0); first = time.perf_counter() - t0  # includes compiling
+            ips = max(_timed_fit(learn, n_batches, 2) for _ in range(rounds))
+        finally: torch.set_num_threads(threads)
+        rows.append(dict(lever=name, bs=bs, images_s=round(ips, 1), first_batch_s=round(first, 1)))
+    base = rows[0]['images_s']
+    for r in rows: r['ratio'] = round(r['images_s'] / base, 2)
     return rows

@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import matplotlib
 from fastcore.script import call_parse, Param, store_true
-from .data import read_dataset, labeled_dls, ssl_dls, ImageError, READERS
+# torch and fastai (through fgssl_nb.data) are imported inside the functions: every `--help` answers at once
 
 # %% auto #0
-__all__ = ['EVAL_PROTOCOLS', 'METRIC_COLS', 'die', 'save_batch_grid', 'data_summary', 'pretrain_run', 'parse_kw',
-           'fgssl_pretrain', 'evaluate_run', 'fgssl_eval', 'results_table', 'demo_views', 'demo', 'fgssl_demo']
+__all__ = ['REF_BS', 'EVAL_PROTOCOLS', 'METRIC_COLS', 'die', 'save_batch_grid', 'data_summary', 'lr_rule', 'scale_lr',
+           'pretrain_run', 'parse_kw', 'fgssl_pretrain', 'evaluate_run', 'fgssl_eval', 'results_table', 'demo_views',
+           'demo', 'fgssl_demo']
 
 # %% ../nbs/40_cli.ipynb #cd34b558
 def die(msg: str):
@@ -22,9 +23,11 @@ def die(msg: str):
 
 def _user_errors() -> tuple:
     "Exceptions whose message is written for the user: shown as one line, no traceback."
+    from fgssl_nb.data import ImageError
     from fgssl_nb.models import WeightsUnavailable
+    from fgssl_nb.learner import WriteError
     return (FileNotFoundError, NotADirectoryError, FileExistsError, ValueError, ImageError, FloatingPointError,
-            WeightsUnavailable, ImportError)
+            WeightsUnavailable, ImportError, WriteError)
 
 def save_batch_grid(dls, fname, max_n: int = 16, nrows: int = 2, title: str | None = None):
     "Save `dls.show_batch` as a PNG."
@@ -36,6 +39,8 @@ def save_batch_grid(dls, fname, max_n: int = 16, nrows: int = 2, title: str | No
 
 def data_summary(ds, out: Path, size: int = 64, bs: int = 16) -> dict:
     "Print `ds`'s summary, save labelled/SSL batch grids and `data_summary.json` into `out`."
+    from fgssl_nb.data import labeled_dls, ssl_dls
+    from fgssl_nb.learner import atomic_write_text
     out.mkdir(parents=True, exist_ok=True)
     print(ds.summary())
     save_batch_grid(labeled_dls(ds, size, bs, num_workers=0), out / 'batch_labeled.png', title='labelled batch (train split)')
@@ -44,7 +49,7 @@ def data_summary(ds, out: Path, size: int = 64, bs: int = 16) -> dict:
     summ = dict(layout=ds.layout, root=str(ds.root), classes=list(map(str, ds.classes)), n_labeled=len(ds),
                 n_train=int(ds.is_train.sum()), n_test=int((~ds.is_train).sum()), n_unlabeled=len(ds.unlabeled),
                 per_class_min=int(per.min()), per_class_max=int(per.max()))
-    (out / 'data_summary.json').write_text(json.dumps(summ, indent=1))
+    atomic_write_text(out / 'data_summary.json', json.dumps(summ, indent=1))
     return summ
 
 # %% ../nbs/40_cli.ipynb #15e767b4
@@ -61,13 +66,31 @@ def _check_train_args(size: int, bs: int, epochs: int):
     if bs < 2: die(f"--bs must be at least 2 (BatchNorm and contrastive losses need pairs), got {bs}")
     if epochs < 1: die(f"--epochs must be at least 1, got {epochs}")
 
+REF_BS = 64  # the batch size at which every method's default learning rate is quoted
+
+def lr_rule(method_cls) -> str:
+    "How a method's learning rate follows the batch: 'linear' for SGD (Goyal et al. 2017), 'sqrt' for Adam-type optimisers."
+    f = getattr(method_cls, 'opt_func', None)
+    name = getattr(getattr(f, 'func', f), '__name__', '').lower()
+    return 'linear' if 'sgd' in name else 'sqrt'
+
+def scale_lr(lr: float, bs: int, ref_bs: int = REF_BS, rule: str = 'linear') -> float:
+    "`lr`, quoted at batch `ref_bs`, for batch `bs`: times bs/ref_bs ('linear') or its square root ('sqrt')."
+    if rule not in ('linear', 'sqrt'): raise ValueError(f"rule must be 'linear' or 'sqrt', got {rule!r}")
+    r = bs / ref_bs
+    return lr * (r if rule == 'linear' else r ** 0.5)
+
 def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18', pretrained: bool = False, size: int = 64,
                  bs: int = 64, epochs: int = 20, lr: float | None = None, seed: int = 0, out='runs/run', resume: bool = False,
                  views: str | None = None, precision: str = 'auto', workers: int | None = None, knn: bool = True,
-                 progress: bool | None = None, **method_kwargs):
-    "Pretrain `method` on `data` into run folder `out` (see `fgssl_pretrain`); returns the Learner."
+                 progress: bool | None = None, skip_bad: bool = False, keep_optimizer: bool = True, **method_kwargs):
+    """Pretrain `method` on `data` into run folder `out` (see `fgssl_pretrain`); returns the Learner. The data are checked
+    first (`check_for_run`): `skip_bad` leaves unreadable images out; `keep_optimizer=False` (SSL methods) drops the optimiser
+    state from the final `checkpoint.pth`."""
     from fastai.torch_core import set_seed
     from fgssl_nb.learner import ssl_learner, pretrain, get_method, TRAINERS
+    from fgssl_nb.data import labeled_dls, ssl_dls
+    from fgssl_nb.check import check_for_run
     get_method(method)  # fail early on a typo
     out = Path(out); _check_run_dir(out, resume)
     if resume and (out / 'config.json').exists():  # a resumed run keeps its own settings
@@ -75,22 +98,30 @@ def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18',
         method, data, arch, size, bs, seed, views = (cfg[k] for k in ('method', 'data', 'arch', 'size', 'bs', 'seed', 'views'))
         pretrained, precision, epochs = cfg['pretrained'], cfg['precision_asked'], cfg['epochs']
         lr, method_kwargs = cfg['lr'], cfg.get('method_kwargs', method_kwargs)
-    ds = read_dataset(data)
+        skip_bad = cfg.get('skip_bad', skip_bad)  # the images it was started with
+    ds, data_info = check_for_run(data, out, skip_bad=skip_bad)  # every file read before any training
     set_seed(seed)
     config = dict(method=method, data=str(data), arch=arch, pretrained=pretrained, size=size, bs=bs, seed=seed, views=views,
-                  precision_asked=precision, workers=workers, method_kwargs=method_kwargs)
+                  precision_asked=precision, workers=workers, method_kwargs=method_kwargs, skip_bad=skip_bad, data_check=data_info)
     if method in TRAINERS:  # a GAN or a supervised baseline: its own Learner, the same run folder
-        print(f"training {method} ({arch}, {size}px, batch {bs}) for {epochs} epochs -> {out}")
+        print(f"training {method} ({arch}{', ImageNet init' if pretrained else ''}, {size}px, batch {bs}) for {epochs} epochs -> {out}")
+        if not keep_optimizer: print(f"note: --drop_optimizer is for the SSL methods; {method}'s checkpoint.pth keeps its optimiser state")
         return TRAINERS[method](ds, out, arch=arch, pretrained=pretrained, size=size, bs=bs, epochs=epochs, lr=lr, seed=seed,
                                 resume=resume, precision=precision, workers=workers, progress=progress, config=config,
                                 views=views, **method_kwargs)
-    dls = ssl_dls(ds, size=size, bs=bs, seed=seed, num_workers=workers)
-    kdls = labeled_dls(ds, size=size, bs=bs, num_workers=workers) if knn else None
+    cls = get_method(method)
+    if lr is None:  # the method's default, quoted at batch REF_BS, scaled to this batch
+        lr = scale_lr(cls.lr, bs, rule=lr_rule(cls))
+        config['lr_rule'] = f"{cls.lr:g} at batch {REF_BS}, {lr_rule(cls)} in the batch"
+    dls = ssl_dls(ds, size=size, bs=bs, seed=seed, num_workers=workers, verify=None)  # the pre-flight decoded every image
+    kdls = labeled_dls(ds, size=size, bs=bs, num_workers=workers, verify=None) if knn else None
     learn = ssl_learner(dls, method, arch=arch, pretrained=pretrained, views=views, precision=precision,
                         knn_dls=kdls, run_dir=out, **method_kwargs)
     config['n_pretext'] = len(dls.train.dataset)
-    print(f"pretraining {method} ({arch}, {size}px, batch {bs}, {learn.precision}) on {len(dls.train.dataset)} images for {epochs} epochs -> {out}")
-    return pretrain(learn, epochs, lr=lr, run_dir=out, resume=resume, config=config, progress=progress)
+    print(f"pretraining {method} ({arch}{', ImageNet init' if pretrained else ''}, {size}px, batch {bs}, lr {lr:.3g}, {learn.precision}) "
+          f"on {len(dls.train.dataset)} images for {epochs} epochs -> {out}")
+    return pretrain(learn, epochs, lr=lr, run_dir=out, resume=resume, config=config, progress=progress,
+                    keep_optimizer=keep_optimizer)
 
 def parse_kw(pairs) -> dict:
     "`['alpha=0.5', 'criterion=gradcam']` -> `{'alpha': 0.5, 'criterion': 'gradcam'}` (numbers, booleans, tuples parsed)."
@@ -121,7 +152,7 @@ def fgssl_pretrain(method: Param("SSL method: simclr, moco, simsiam, byol, jigsa
                    size: Param("image size in px", int) = 64,
                    bs: Param("batch size in images (each gives 2 views; 9 tiles for jigsaw)", int) = 64,
                    epochs: Param("epochs", int) = 20,
-                   lr: Param("peak learning rate (default: the method's)", float) = None,
+                   lr: Param("peak learning rate (default: the method's, quoted at batch 64 and scaled with --bs: linearly for SGD methods, by the square root for Adam ones)", float) = None,
                    seed: Param("random seed (same seed, same numbers on the CPU)", int) = 0,
                    out: Param("run folder: config.json, log.csv, checkpoint.pth, encoder.pth", str) = 'runs/run',
                    resume: Param("continue the interrupted run in --out from its last checkpoint", store_true) = False,
@@ -129,6 +160,8 @@ def fgssl_pretrain(method: Param("SSL method: simclr, moco, simsiam, byol, jigsa
                    precision: Param("auto (bf16 where the hardware is fast at it), fp32 (exact), bf16, fp16 (CUDA)", str) = 'auto',
                    workers: Param("DataLoader workers (default: min(4, cores))", int) = None,
                    no_knn: Param("skip the per-epoch k-NN monitor", store_true) = False,
+                   skip_bad: Param("leave unreadable images out of the run instead of stopping: listed in <out>/skipped.txt, counted in config.json and metrics.json", store_true) = False,
+                   drop_optimizer: Param("SSL methods only: after the last epoch, drop the optimiser state from checkpoint.pth (a third of the size for Adam methods; the run cannot be extended then)", store_true) = False,
                    criterion: Param("synth-*: non-discriminative dims by variance, gradcam or both", str) = None,
                    alpha: Param("synth-*: weight of the reconstruction loss L_R", float) = None,
                    nu: Param("synth-*: weight of the synthesized-pair loss L_Cp", float) = None,
@@ -137,15 +170,17 @@ def fgssl_pretrain(method: Param("SSL method: simclr, moco, simsiam, byol, jigsa
     "Pretrain an encoder with a self-supervised method (or a baseline trainer); writes a run folder."
     _check_train_args(size, bs, epochs)
     try: pretrain_run(method, data, arch, pretrained, size, bs, epochs, lr, seed, out, resume, views, precision, workers,
-                      not no_knn, **_method_kwargs(criterion, alpha, nu, k, kw))
+                      not no_knn, skip_bad=skip_bad, keep_optimizer=not drop_optimizer, **_method_kwargs(criterion, alpha, nu, k, kw))
     except _user_errors() as e: die(str(e))
 
 # %% ../nbs/40_cli.ipynb #d87b3646
 EVAL_PROTOCOLS = ('linear', 'knn', 'retrieval', 'finetune', 'label_efficiency', 'head')
 
 def _merge_json(f: Path, new: dict) -> dict:
+    "Update the JSON object in `f` with `new`, through a temporary file and a rename (a failed write keeps the old file)."
+    from fgssl_nb.learner import atomic_write_text
     old = json.loads(f.read_text()) if f.exists() else {}
-    old.update(new); f.write_text(json.dumps(old, indent=1)); return old
+    old.update(new); atomic_write_text(f, json.dumps(old, indent=1), hint='run the evaluation again'); return old
 
 def _label_efficiency(feats: dict, out: Path, name: str) -> dict:
     "Linear-probe accuracy with 1, 5, 10 and all labels per class: CSV, plot, and one metric per shot count."
@@ -157,10 +192,13 @@ def _label_efficiency(feats: dict, out: Path, name: str) -> dict:
     return {f"linear_top1_{r.shots}shot": float(r.top1_mean) for r in df.itertuples()}  # shots: 1, 5, 10, 'all'
 
 def evaluate_run(run_dir=None, data=None, protocols=('linear', 'knn', 'retrieval'), encoder: str | None = None,
-                 arch: str = 'resnet18', size: int | None = None, bs: int = 64, seed: int = 0, out=None, workers: int | None = None) -> dict:
-    "Evaluate the encoder of `run_dir` (or a `random`/`imagenet` baseline `encoder`) and update `metrics.json`."
+                 arch: str = 'resnet18', size: int | None = None, bs: int = 64, seed: int = 0, out=None, workers: int | None = None,
+                 skip_bad: bool = False) -> dict:
+    """Evaluate the encoder of `run_dir` (or a `random`/`imagenet` baseline `encoder`) and update `metrics.json`.
+    `skip_bad` leaves unreadable images out (default for a run: what it was trained with)."""
     import torch
     from fastai.torch_core import set_seed
+    from fgssl_nb.check import check_for_run
     from fgssl_nb.learner import load_encoder
     from fgssl_nb.models import create_encoder
     from fgssl_nb.evaluate import evaluate_encoder
@@ -173,6 +211,7 @@ def evaluate_run(run_dir=None, data=None, protocols=('linear', 'knn', 'retrieval
         data, size = data or cfg.get('data', 'default'), size or cfg.get('size', 64)
         out = Path(out or run_dir)
         desc = dict(encoder=str(run_dir / 'encoder.pth'), method=cfg.get('method'), arch=enc.arch)
+        skip_bad = skip_bad or cfg.get('skip_bad', False)  # evaluate on what the run was trained with
     else:
         if encoder not in ('random', 'imagenet'): raise ValueError(f"--encoder must be 'random' or 'imagenet', got {encoder!r}")
         if out is None: raise ValueError("--encoder random/imagenet needs --out, the folder for metrics.json")
@@ -180,22 +219,23 @@ def evaluate_run(run_dir=None, data=None, protocols=('linear', 'knn', 'retrieval
         enc = create_encoder(arch, pretrained=encoder == 'imagenet')
         data, size, out = data or 'default', size or 64, Path(out)
         desc = dict(encoder=encoder, method=f'{encoder}-init', arch=arch)
-    ds = read_dataset(data)
     out.mkdir(parents=True, exist_ok=True)
+    ds, data_info = check_for_run(data, out, skip_bad=skip_bad)  # before the slow work
     t0 = time.perf_counter()
     le = 'label_efficiency' in protocols
     protos = tuple(dict.fromkeys([p for p in protocols if p != 'label_efficiency'] + (['linear'] if le else [])))
     frozen = tuple(p for p in protos if p not in ('finetune', 'head'))
     m, feats = evaluate_encoder(enc, ds, size=size, bs=bs, protocols=frozen, num_workers=workers, return_features=True)
     m = {k: float(v) for k, v in m.items() if np.isscalar(v)}
-    _merge_json(out / 'metrics.json', dict(m, **desc, data=str(data), size=size))  # saved before the slower protocols
+    _merge_json(out / 'metrics.json', dict(m, **desc, **data_info, data=str(data), size=size))  # saved before the slower protocols
     if le: m.update(_label_efficiency(feats, out, desc['method']))
     if 'finetune' in protos: m.update({k: float(v) for k, v in evaluate_encoder(enc, ds, size=size, bs=bs, protocols=('finetune',), num_workers=workers).items()})
     if 'head' in protos:  # SPEC's SRGAN downstream: frozen generator (or discriminator) + conv/fc head with dropout
         if getattr(enc, 'arch', None) not in ('srgan_g', 'srgan_d'): raise ValueError(f"--protocols head is the SRGAN classifier; this encoder is {enc.arch}")
         from fgssl_nb.srgan import srgan_head_eval
         m['head_top1'] = srgan_head_eval(enc, ds, size=size, seed=seed, num_workers=workers)['head_top1']
-    return _merge_json(out / 'metrics.json', dict(m, **desc, data=str(data), size=size, eval_seconds=round(time.perf_counter() - t0, 1)))
+    return _merge_json(out / 'metrics.json', dict(m, **desc, **data_info, data=str(data), size=size,
+                                                  eval_seconds=round(time.perf_counter() - t0, 1)))
 
 @call_parse
 def fgssl_eval(run_dir: Param("run folder written by fgssl_pretrain", str, nargs='?', opt=False) = None,
@@ -207,14 +247,15 @@ def fgssl_eval(run_dir: Param("run folder written by fgssl_pretrain", str, nargs
                bs: Param("batch size for feature extraction", int) = 64,
                seed: Param("seed of the random baseline", int) = 0,
                out: Param("folder for metrics.json (default: the run folder)", str) = None,
-               workers: Param("DataLoader workers", int) = None):
+               workers: Param("DataLoader workers", int) = None,
+               skip_bad: Param("leave unreadable images out instead of stopping (listed in skipped.txt, counted in metrics.json); default: what the run was trained with", store_true) = False):
     "Evaluate a pretrained encoder (linear probe, k-NN, retrieval); writes metrics.json."
     matplotlib.use('Agg')
     bad = [p for p in protocols if p not in EVAL_PROTOCOLS]
     if bad: die(f"unknown protocol {bad[0]!r}; choose from {', '.join(EVAL_PROTOCOLS)}")
     if size is not None and size < 16: die(f"--size must be at least 16 px, got {size}")
     if bs < 1: die(f"--bs must be at least 1, got {bs}")
-    try: m = evaluate_run(run_dir, data, protocols, encoder, arch, size, bs, seed, out, workers)
+    try: m = evaluate_run(run_dir, data, protocols, encoder, arch, size, bs, seed, out, workers, skip_bad=skip_bad)
     except _user_errors() as e: die(str(e))
     print(json.dumps(m, indent=1))
 
@@ -238,27 +279,32 @@ def demo_views(data, method: str, views: str | None = 'auto') -> str | None:
 
 def demo(data='default', out='runs/demo', method: str = 'simclr', epochs: int = 20, size: int = 64, bs: int = 64,
          seed: int = 0, precision: str = 'auto', resume: bool = False, supervised: bool = True,
-         views: str | None = 'auto') -> list[dict]:
-    "The main job: data summary, pretrain `method`, evaluate it, a supervised reference and the random-init floor, print the table."
+         views: str | None = 'auto', arch: str = 'resnet18', pretrained: bool = False, lr: float | None = None,
+         skip_bad: bool = False) -> list[dict]:
+    "The main job: data summary, pretrain `method`, evaluate it, a supervised reference and the floor (the encoder it started from), print the table."
+    from fgssl_nb.check import check_for_run
+    from fgssl_nb.learner import atomic_write_text
     out = Path(out)
-    ds = read_dataset(data)
+    ds, _ = check_for_run(data, out, skip_bad=skip_bad)  # all problems at once, before the first epoch
     data_summary(ds, out, size)
     run, views = out / method, demo_views(data, method, views)
     if resume and (run / 'encoder.pth').exists(): print(f"{run}: pretraining already done, reusing it")
-    else: pretrain_run(method, data, size=size, bs=bs, epochs=epochs, seed=seed, out=run, precision=precision, views=views,
-                       resume=resume and (run / 'checkpoint.pth').exists())
+    else: pretrain_run(method, data, arch=arch, pretrained=pretrained, size=size, bs=bs, epochs=epochs, lr=lr, seed=seed,
+                       out=run, precision=precision, views=views, resume=resume and (run / 'checkpoint.pth').exists(), skip_bad=skip_bad)
     cfg = run / 'config.json'
     if cfg.exists(): views = json.loads(cfg.read_text()).get('views')  # a resumed or reused run: the views it trained with
-    rows = [dict(evaluate_run(run), name=f"{method}{f' + {views} views' if views and views != method else ''} ({epochs} ep)")]
-    if supervised:  # the reference with labels: the same ResNet-18 trained on the labelled train split
+    rows = [dict(evaluate_run(run, skip_bad=skip_bad), name=f"{method}{f' + {views} views' if views and views != method else ''} ({epochs} ep)")]
+    if supervised:  # the reference with labels: the same encoder trained (fine-tuned) on the labelled train split
         sup = out / 'supervised'
         if not (sup / 'encoder.pth').exists():
-            pretrain_run('supervised', data, size=size, bs=bs, epochs=epochs, seed=seed, out=sup, precision=precision,
-                         resume=(sup / 'checkpoint.pth').exists(), progress=False)
-        rows.append(dict(evaluate_run(sup), name=f'supervised ({epochs} ep, labels)'))
-    rows.append(dict(evaluate_run(encoder='random', arch='resnet18', data=data, size=size, seed=seed, out=out / 'random'), name='random init'))
+            pretrain_run('supervised', data, arch=arch, pretrained=pretrained, size=size, bs=bs, epochs=epochs, seed=seed,
+                         out=sup, precision=precision, resume=(sup / 'checkpoint.pth').exists(), progress=False, skip_bad=skip_bad)
+        rows.append(dict(evaluate_run(sup, skip_bad=skip_bad), name=f"supervised ({epochs} ep, labels{', from ImageNet' if pretrained else ''})"))
+    floor = 'imagenet' if pretrained else 'random'  # the encoder the SSL run started from, untouched
+    rows.append(dict(evaluate_run(encoder=floor, arch=arch, data=data, size=size, seed=seed, out=out / floor, skip_bad=skip_bad),
+                     name='imagenet init (frozen)' if pretrained else 'random init'))
     table = results_table(rows)
-    (out / 'results.md').write_text(table + '\n'); (out / 'results.json').write_text(json.dumps(rows, indent=1))
+    atomic_write_text(out / 'results.md', table + '\n'); atomic_write_text(out / 'results.json', json.dumps(rows, indent=1))
     print(table)
     return rows
 
@@ -266,15 +312,19 @@ def demo(data='default', out='runs/demo', method: str = 'simclr', epochs: int = 
 def fgssl_demo(data: Param("data folder, or 'default' for the built-in toy birds", str) = 'default',
                out: Param("folder for the outputs", str) = 'runs/demo',
                method: Param("SSL method to pretrain: simclr, moco, simsiam, byol", str) = 'simclr',
+               arch: Param("encoder: resnet18, resnet50, efficientnet_lite0, or a timm name", str) = 'resnet18',
+               pretrained: Param("start from ImageNet weights (offline: efficientnet_lite0 only); the floor row is then the frozen ImageNet encoder", store_true) = False,
                views: Param("view recipe (see fgssl_pretrain --help); auto: hue views on the built-in toy birds, whose colours are random, else the method's own", str) = 'auto',
                epochs: Param("pretraining epochs", int) = 20,
                size: Param("image size in px", int) = 64,
                bs: Param("batch size", int) = 64,
+               lr: Param("peak learning rate (default: the method's at batch 64, scaled with --bs)", float) = None,
                seed: Param("random seed", int) = 0,
                precision: Param("auto, fp32, bf16", str) = 'auto',
                resume: Param("continue an interrupted demo in --out", store_true) = False,
-               no_supervised: Param("skip the supervised reference row", store_true) = False):
-    "The main job: show the data, pretrain an SSL method, evaluate it against a random-init encoder."
+               no_supervised: Param("skip the supervised reference row", store_true) = False,
+               skip_bad: Param("leave unreadable images out of every row instead of stopping: listed in skipped.txt, counted in config.json and metrics.json", store_true) = False):
+    "The main job: show the data, pretrain an SSL method, evaluate it against the encoder it started from and a supervised one."
     _check_train_args(size, bs, epochs)
-    try: demo(data, out, method, epochs, size, bs, seed, precision, resume, not no_supervised, views)
+    try: demo(data, out, method, epochs, size, bs, seed, precision, resume, not no_supervised, views, arch, pretrained, lr, skip_bad)
     except _user_errors() as e: die(str(e))

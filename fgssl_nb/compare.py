@@ -9,14 +9,17 @@ from pathlib import Path
 import numpy as np, pandas as pd
 import matplotlib
 from fastcore.script import call_parse, Param, store_true
-from .cli import pretrain_run, evaluate_run, METRIC_COLS, _user_errors, die
+from .cli import pretrain_run, evaluate_run, scale_lr, METRIC_COLS, _user_errors, die
 
 # %% auto #0
-__all__ = ['SYSTEM1_VIEWS', 'GRIDS', 'METRICS', 'slug', 'run_entry', 'run_grid', 'summarize', 'results_markdown', 'plot_results',
-           'fgssl_compare']
+__all__ = ['SYSTEM1_VIEWS', 'SYNTH_IMAGENET', 'GRIDS', 'PRESETS', 'RUN_DEFAULTS', 'METRICS', 'resolve_entry', 'slug', 'run_entry',
+           'run_grid', 'summarize', 'results_markdown', 'plot_results', 'fgssl_compare']
 
 # %% ../nbs/50_compare.ipynb #756ababd
 SYSTEM1_VIEWS = ('gamma', 'dropout', 'regions', 'patchswap', 'dcl', 'jigsaw')
+
+# The synthesized-pair settings for an ImageNet-initialised encoder (20_synth_pairs says why and what was measured)
+SYNTH_IMAGENET = dict(rec_to_encoder=False, nu=0.1)
 
 GRIDS: dict[str, list[dict]] = {
     # System 1 (SSL for fine-grained classification): pretext tasks, SimCLR and its fine-grained views, baselines
@@ -37,30 +40,67 @@ GRIDS: dict[str, list[dict]] = {
                 dict(name='synth-simsiam (variance)', method='synth-simsiam', kw=dict(criterion='variance'))],
     # System 2's alpha sweep (weight of the reconstruction loss), nu fixed
     'alpha': [dict(name=f'synth-moco alpha={a}', method='synth-moco', kw=dict(alpha=a)) for a in (0.0, 0.3, 1.0, 3.0)],
+    # System 2 as LCR runs it (with --pretrained: an ImageNet-initialised encoder; preset `--protocol lcr`): the
+    # starting encoder untouched (the floor), MoCo v2 and SimSiam with and without the synthesized pairs, and
+    # supervised training on the labels (fine-tuning from ImageNet, the encoder at a tenth of the head's rate)
+    'lcr': [dict(name='init', encoder='init'),
+            dict(name='moco', method='moco'),
+            *[dict(name=f'synth-moco ({c})', method='synth-moco', kw=dict(criterion=c), kw_pretrained=SYNTH_IMAGENET)
+              for c in ('variance', 'gradcam')],
+            dict(name='simsiam', method='simsiam'),
+            dict(name='synth-simsiam (variance)', method='synth-simsiam', kw=dict(criterion='variance'), kw_pretrained=SYNTH_IMAGENET),
+            dict(name='supervised', method='supervised', kw_pretrained=dict(encoder_lr_mult=0.1))],
 }
+
+# Named presets: the settings a grid runs with unless the command line gives them
+PRESETS = {'lcr': dict(grid='lcr', arch='efficientnet_lite0', pretrained=True, size=96, bs=64, epochs=5)}
+RUN_DEFAULTS = dict(arch='resnet18', pretrained=False, size=64, bs=64, epochs=10)
+
+def resolve_entry(entry: dict, pretrained: bool = False) -> dict:
+    "`entry` for an encoder that starts from ImageNet (`pretrained`) or not: `encoder='init'` becomes that starting encoder, `kw_pretrained` joins `kw`."
+    e = dict(entry)
+    if e.get('encoder') == 'init':
+        e['encoder'], e['name'] = ('imagenet', 'imagenet (frozen)') if pretrained else ('random', 'random init')
+    kwp = e.pop('kw_pretrained', None)
+    if pretrained and kwp: e['kw'] = {**e.get('kw', {}), **kwp}
+    return e
 
 def slug(name: str) -> str:
     "A folder name for a grid entry: 'simclr + gamma' -> 'simclr_gamma'."
     return re.sub(r'[^A-Za-z0-9.=-]+', '_', name).strip('_')
 
 # %% ../nbs/50_compare.ipynb #56ffec16
+def _check_same_setting(run: Path, **want):
+    "Refuse to reuse a run folder made with another architecture, initialisation or image size."
+    f = run / 'config.json'
+    if not f.exists(): return
+    cfg = json.loads(f.read_text())
+    diff = {k: (cfg[k], v) for k, v in want.items() if k in cfg and cfg[k] != v}
+    if diff: raise ValueError(f"{run} was made with " + ', '.join(f"{k}={a!r}" for k, (a, _) in diff.items()) + "; this run asks for "
+                              + ', '.join(f"{k}={b!r}" for _, (_, b) in diff.items()) + ": use another --out")
+
 def run_entry(entry: dict, data='default', seed: int = 0, out='runs/compare', epochs: int = 10, size: int = 64,
-              bs: int = 64, precision: str = 'auto', protocols=('linear', 'knn', 'retrieval')) -> dict:
+              bs: int = 64, precision: str = 'auto', protocols=('linear', 'knn', 'retrieval'), arch: str = 'resnet18',
+              pretrained: bool = False, skip_bad: bool = False) -> dict:
     "Pretrain and evaluate one grid `entry` for one `seed` in `out/<slug>/seed<seed>`; returns its metrics row."
+    entry = resolve_entry(entry, pretrained)
     run = Path(out) / slug(entry['name']) / f'seed{seed}'
-    protocols = tuple(entry.get('protocols', protocols))
+    protocols, arch = tuple(entry.get('protocols', protocols)), entry.get('arch', arch)
     t0 = time.perf_counter()
     if entry.get('encoder'):  # an untrained baseline: evaluation only
-        m = evaluate_run(encoder=entry['encoder'], arch=entry.get('arch', 'resnet18'), data=data, size=size, seed=seed,
-                         out=run, protocols=protocols)
+        m = evaluate_run(encoder=entry['encoder'], arch=arch, data=data, size=size, seed=seed, out=run, protocols=protocols,
+                         skip_bad=skip_bad)
     else:
+        # an entry's own lr is quoted at its own bs, or else at the grid's reference batch 64: scaled (linearly) with --bs
+        lr = entry.get('lr') if 'bs' in entry or entry.get('lr') is None else scale_lr(entry['lr'], bs)
+        _check_same_setting(run, arch=arch, pretrained=pretrained, size=size)
         if not (run / 'encoder.pth').exists():
-            pretrain_run(entry['method'], data, arch=entry.get('arch', 'resnet18'), size=size, bs=entry.get('bs', bs), epochs=epochs, seed=seed, lr=entry.get('lr'),
-                         out=run, resume=(run / 'checkpoint.pth').exists(), views=entry.get('views'), precision=precision,
-                         knn=False, progress=False, **entry.get('kw', {}))
+            pretrain_run(entry['method'], data, arch=arch, pretrained=pretrained, size=size, bs=entry.get('bs', bs), epochs=epochs,
+                         seed=seed, lr=lr, out=run, resume=(run / 'checkpoint.pth').exists(), views=entry.get('views'),
+                         precision=precision, knn=False, progress=False, skip_bad=skip_bad, **entry.get('kw', {}))
         f = run / 'metrics.json'
         have = json.loads(f.read_text()) if f.exists() else {}
-        m = have if all(k in have for k in _metric_keys(protocols)) else evaluate_run(run, data, protocols)
+        m = have if all(k in have for k in _metric_keys(protocols)) else evaluate_run(run, data, protocols, skip_bad=skip_bad)
     cfg = json.loads((run / 'config.json').read_text()) if (run / 'config.json').exists() else {}
     return dict(name=entry['name'], seed=seed, method=entry.get('method', entry.get('encoder')), epochs=cfg.get('epochs', 0),
                 **{k: v for k, v in m.items() if isinstance(v, float)}, seconds=round(time.perf_counter() - t0, 1))
@@ -72,17 +112,25 @@ def _metric_keys(protocols) -> list[str]:
 
 # %% ../nbs/50_compare.ipynb #c07e41a1
 def run_grid(grid: str | list[dict], data='default', seeds=(0,), out='runs/compare', epochs: int = 10, size: int = 64,
-             bs: int = 64, precision: str = 'auto', only: list[str] | None = None) -> pd.DataFrame:
-    "Run `grid` (a name in `GRIDS` or a list of entries) for `seeds`; rows in `out/results.csv`, returned as a DataFrame."
+             bs: int = 64, precision: str = 'auto', only: list[str] | None = None, arch: str = 'resnet18',
+             pretrained: bool = False, skip_bad: bool = False) -> pd.DataFrame:
+    """Run `grid` (a name in `GRIDS` or a list of entries) for `seeds`; rows in `out/results.csv`, returned as a DataFrame.
+    The data are checked once first (`skip_bad`: leave unreadable images out); a full disk (`WriteError`) stops the grid."""
+    from fgssl_nb.check import check_for_run
+    from fgssl_nb.learner import WriteError
     if isinstance(grid, str) and grid not in GRIDS: raise ValueError(f"unknown grid {grid!r}; choose from {', '.join(GRIDS)}")
     entries = GRIDS[grid] if isinstance(grid, str) else grid
+    entries = [resolve_entry(e, pretrained) for e in entries]
     if only: entries = [e for e in entries if e['name'] in only or slug(e['name']) in only]
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    check_for_run(data, out, skip_bad=skip_bad)  # bad data: one report (PreflightError), not one failure per entry
     rows, errors = [], {}
     for seed in seeds:
         for e in entries:
             print(f"[{e['name']} seed {seed}]", flush=True)
-            try: rows.append(run_entry(e, data, seed, out, epochs, size, bs, precision))
+            try: rows.append(run_entry(e, data, seed, out, epochs, size, bs, precision, arch=arch, pretrained=pretrained,
+                                       skip_bad=skip_bad))
+            except WriteError: raise  # a full disk: every later entry would fail too
             except _user_errors() as err:
                 errors[f"{e['name']} seed {seed}"] = f"{type(err).__name__}: {err}"; print(f"  failed: {err}")
             _save_rows(out, rows, errors)
@@ -90,16 +138,17 @@ def run_grid(grid: str | list[dict], data='default', seeds=(0,), out='runs/compa
 
 def _save_rows(out: Path, rows: list[dict], errors: dict):
     "Merge `rows` into `out/results.csv`: rows of other entries/seeds (earlier, partial runs) are kept, same ones replaced."
+    from fgssl_nb.learner import atomic_write_text
     f, new = out / 'results.csv', pd.DataFrame(rows)
     if rows and f.exists() and f.stat().st_size:
         old = pd.read_csv(f)
         done = set(zip(new.get('name', []), new.get('seed', [])))
         old = old[[(n, s) not in done for n, s in zip(old['name'], old['seed'])]]
         new = pd.concat([old, new], ignore_index=True)
-    if rows: tmp = f.with_name(f.name + '.tmp'); new.to_csv(tmp, index=False); tmp.replace(f)
+    if rows: atomic_write_text(f, new.to_csv(index=False), hint='run the grid again')
     if errors:
         ef = out / 'errors.json'
-        ef.write_text(json.dumps({**(json.loads(ef.read_text()) if ef.exists() else {}), **errors}, indent=1))
+        atomic_write_text(ef, json.dumps({**(json.loads(ef.read_text()) if ef.exists() else {}), **errors}, indent=1))
 
 # %% ../nbs/50_compare.ipynb #25a06442
 METRICS = [k for k, _ in METRIC_COLS]
@@ -135,28 +184,45 @@ def plot_results(summary: pd.DataFrame, metric: str = 'linear_top1', ax=None, fl
 
 # %% ../nbs/50_compare.ipynb #5bffdaa2
 @call_parse
-def fgssl_compare(grid: Param(f"which comparison: {', '.join(GRIDS)}", str) = 'system1',
+def fgssl_compare(grid: Param(f"which comparison: {', '.join(GRIDS)} (default: system1, or the --protocol's)", str) = None,
+                  protocol: Param(f"a named preset of grid and settings: {', '.join(PRESETS)} (lcr: grid lcr, ImageNet EfficientNet-Lite0, 96 px, 5 epochs); options given here win", str) = None,
                   data: Param("data folder, or 'default' for the built-in toy birds", str) = 'default',
                   seeds: Param("seeds to run", int, nargs='+') = (0,),
-                  epochs: Param("pretraining epochs per entry", int) = 10,
-                  size: Param("image size in px", int) = 64,
-                  bs: Param("batch size", int) = 64,
+                  arch: Param("encoder of every entry: resnet18, resnet50, efficientnet_lite0, or a timm name (default resnet18)", str) = None,
+                  pretrained: Param("start every entry from ImageNet weights (offline: efficientnet_lite0 only)", store_true) = False,
+                  epochs: Param("pretraining epochs per entry (default 10)", int) = None,
+                  size: Param("image size in px (default 64)", int) = None,
+                  bs: Param("batch size (default 64); the entries' learning rates follow it", int) = None,
                   precision: Param("auto, fp32, bf16", str) = 'auto',
-                  out: Param("folder for the runs, results.csv and results.md", str) = None,
-                  only: Param("run only these entries (names or folder names)", str, nargs='*') = None):
+                  out: Param("folder for the runs, results.csv and results.md (default runs/compare_<grid>[_<data>_<arch>])", str) = None,
+                  only: Param("run only these entries (names or folder names)", str, nargs='*') = None,
+                  skip_bad: Param("leave unreadable images out of every entry instead of stopping (skipped.txt in each run folder)", store_true) = False):
     "Run a comparison grid (pretrain + evaluate each entry for each seed) and print its table."
     matplotlib.use('Agg')
+    if protocol is not None and protocol not in PRESETS: die(f"unknown protocol {protocol!r}; choose from {', '.join(PRESETS)}")
+    given = dict(grid=grid, arch=arch, size=size, bs=bs, epochs=epochs, pretrained=pretrained or None)
+    s = {**RUN_DEFAULTS, 'grid': 'system1', **PRESETS.get(protocol, {}), **{k: v for k, v in given.items() if v is not None}}
+    grid, arch, pretrained, size, bs, epochs = (s[k] for k in ('grid', 'arch', 'pretrained', 'size', 'bs', 'epochs'))
     if grid not in GRIDS: die(f"unknown grid {grid!r}; choose from {', '.join(GRIDS)}")
     if epochs < 1: die(f"--epochs must be at least 1, got {epochs}")
-    out = Path(out or f'runs/compare_{grid}')
-    try: df = run_grid(grid, data, tuple(seeds), out, epochs, size, bs, precision, only)
+    if size < 16: die(f"--size must be at least 16 px, got {size}")
+    if bs < 2: die(f"--bs must be at least 2, got {bs}")
+    tag = '' if (data, arch, pretrained) == ('default', 'resnet18', False) else f"_{Path(str(data)).name}_{arch}{'_imagenet' if pretrained else ''}"
+    out = Path(out or f'runs/compare_{grid}{tag}')
+    print(f"grid {grid}: {arch}{' from ImageNet' if pretrained else ' from scratch'}, {size}px, batch {bs}, {epochs} epochs, "
+          f"seeds {list(seeds)} -> {out}", flush=True)
+    from fgssl_nb.learner import atomic_write_text
+    try: df = run_grid(grid, data, tuple(seeds), out, epochs, size, bs, precision, only, arch=arch, pretrained=pretrained,
+                       skip_bad=skip_bad)
     except _user_errors() as e: die(str(e))
     f = out / 'results.csv'
     if f.exists() and f.stat().st_size:  # the table covers every run in the folder, in the grid's order
-        df, order = pd.read_csv(f), {e['name']: i for i, e in enumerate(GRIDS[grid])}
+        df, order = pd.read_csv(f), {resolve_entry(e, pretrained)['name']: i for i, e in enumerate(GRIDS[grid])}
         df = df.iloc[sorted(range(len(df)), key=lambda i: (order.get(df.name.iloc[i], len(order)), df.seed.iloc[i]))]
     if len(df):
         s = summarize(df); md = results_markdown(s)
-        (out / 'results.md').write_text(md + '\n'); print(md)
+        try: atomic_write_text(out / 'results.md', md + '\n', hint='run the same command again (nothing is retrained)')
+        except _user_errors() as e: die(str(e))
+        print(md)
         import matplotlib.pyplot as plt
-        ax = plot_results(s); ax.figure.savefig(out / 'results.png', dpi=90, bbox_inches='tight'); plt.close(ax.figure)
+        ax = plot_results(s, floor='imagenet (frozen)' if pretrained else 'random init'); ax.figure.savefig(out / 'results.png', dpi=90, bbox_inches='tight'); plt.close(ax.figure)

@@ -21,9 +21,10 @@ from .toybirds import make_toybirds
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'AIRCRAFT_LEVELS', 'FLOWERS102_NAMES', 'READERS', 'MIN_SIDE', 'CACHE_LIMIT_BYTES', 'IMAGENET_MEAN',
-           'IMAGENET_STD', 'DATASET_URLS', 'FGDataset', 'image_files', 'read_cub', 'read_aircraft', 'read_cars',
-           'read_flowers102', 'read_imagefolder', 'detect_layout', 'read_dataset', 'ImageError', 'load_image',
-           'ImageRef', 'LoadImage', 'verify_images', 'RefLabel', 'ssl_dls', 'labeled_dls', 'normalize', 'denormalize',
+           'IMAGENET_STD', 'DATASET_URLS', 'FGDataset', 'image_files', 'AnnotationError', 'format_problems',
+           'CubTables', 'cub_tables', 'read_cub', 'read_aircraft', 'read_cars', 'read_flowers102', 'read_imagefolder',
+           'detect_layout', 'locate_dataset', 'read_dataset', 'ImageError', 'load_image', 'image_problem', 'ImageRef',
+           'LoadImage', 'verify_images', 'RefLabel', 'ssl_dls', 'labeled_dls', 'normalize', 'denormalize',
            'download_dataset']
 
 # %% ../nbs/00_data.ipynb #896ec5f1
@@ -90,51 +91,153 @@ def _check_exist(paths: list[Path], where: str):
         raise FileNotFoundError(f"{len(missing)} image file(s) listed in {where} do not exist, e.g. "
                                 + ', '.join(str(p) for p in missing[:3]))
 
-def _check_classes(labels: np.ndarray, classes: list, where: str):
+def _empty_classes(labels: np.ndarray, classes: list, where) -> str | None:
+    "The message for classes without any image, or None."
     counts = np.bincount(labels, minlength=len(classes)) if len(labels) else np.zeros(len(classes), int)
     empty = [classes[i] for i in np.flatnonzero(counts == 0)]
-    if empty:
-        raise ValueError(f"{where}: class(es) with no images: {', '.join(map(str, empty[:5]))}"
-                         + (f" and {len(empty) - 5} more" if len(empty) > 5 else '') + "; remove them or add images")
+    if not empty: return None
+    return (f"{where}: class(es) with no images: {', '.join(map(str, empty[:5]))}"
+            + (f" and {len(empty) - 5} more" if len(empty) > 5 else '') + "; remove them or add images")
+
+def _check_classes(labels: np.ndarray, classes: list, where: str):
+    if (msg := _empty_classes(labels, classes, where)): raise ValueError(msg)
 
 # %% ../nbs/00_data.ipynb #cd86cf9a
-def _read_id_file(path: Path, ncols: int, what: str) -> dict:
-    "Parse `id v1 [v2 ...]` lines into `{id: [values]}`; the last column may hold spaces when ncols == 2."
+class AnnotationError(ValueError):
+    "Problems in a data set's annotation files, all found in one pass; each one line `file:line: what is wrong; how to fix`."
+    def __init__(self, problems: list[str], limit: int | None = 50):
+        self.problems = list(problems)
+        super().__init__(format_problems(self.problems, limit))
+
+def format_problems(problems: list[str], limit: int | None = 50, what: str = 'problems in the annotation files') -> str:
+    "One problem as it is; several as a count and an indented list (the first `limit` of them)."
+    if len(problems) == 1: return problems[0]
+    shown = problems if limit is None else problems[:limit]
+    more = [f"  ... and {len(problems) - len(shown)} more"] if len(shown) < len(problems) else []
+    return '\n'.join([f"{len(problems)} {what}:"] + [f"  {p}" for p in shown] + more)
+
+def _parse_id_file(path: Path, ncols: int, what: str, problems: list, key: str = 'image id') -> dict:
+    """`{id: (line number, [values])}` from `id v1 [v2 ...]` lines (with 2 columns the second may hold spaces).
+    A malformed line or a repeated id is appended to `problems` as `file:line: ...`; the first entry of an id wins."""
+    try: text = _need(path, what).read_text()
+    except UnicodeDecodeError as e:
+        problems.append(f"{path}: not a text file ({e}); expected {what}"); return {}
     out = {}
-    for ln, line in enumerate(_need(path, what).read_text().splitlines(), 1):
+    for ln, line in enumerate(text.splitlines(), 1):
         if not line.strip(): continue
         parts = line.split(maxsplit=ncols - 1) if ncols == 2 else line.split()
         if len(parts) != ncols:
-            raise ValueError(f"{path}:{ln}: expected {ncols} fields ({what}), got {line!r}")
-        out[parts[0]] = parts[1:]
+            problems.append(f"{path}:{ln}: expected {ncols} fields ({what}), got {line!r}; correct or delete the line")
+        elif parts[0] in out:
+            problems.append(f"{path}:{ln}: {key} {parts[0]} is already on line {out[parts[0]][0]}; delete one of the two lines")
+        else: out[parts[0]] = (ln, parts[1:])
     return out
+
+# %% ../nbs/00_data.ipynb #7b15dfad
+_CUB_FILES = dict(images=('images.txt', '"<image id> <relative path>" lines'),
+                  labels=('image_class_labels.txt', '"<image id> <class id, from 1>" lines'),
+                  split=('train_test_split.txt', '"<image id> <1 if train else 0>" lines'),
+                  classes=('classes.txt', '"<class id> <class name>" lines'),
+                  boxes=('bounding_boxes.txt', '"<image id> <x> <y> <width> <height>" lines'))
+
+@dataclass
+class CubTables:
+    "What `cub_tables` read from a CUB-layout folder (one entry per images.txt line) and every problem it found."
+    root: Path
+    ids: list           # image ids, in images.txt order
+    lines: list         # the images.txt line of each id
+    items: list         # image paths
+    labels: list        # 0-based class index; None where the label is missing or bad
+    is_train: list      # True / False; None where the split entry is missing or bad
+    classes: list       # class names in class-id order
+    boxes: list | None  # (x0, y0, x1, y1) per image (None where missing or bad); None without bounding_boxes.txt
+    problems: list      # `file:line: what is wrong; how to fix`, all of them
+
+def _some(ids: list, lines: list, where: str = '') -> str:
+    "'3 (line 3), 7 (line 9) and 2 more': ids with the line that names them."
+    s = ', '.join(f"{i} ({where}line {l})" for i, l in zip(ids[:5], lines[:5]))
+    return s + (f" and {len(ids) - 5} more" if len(ids) > 5 else '')
+
+def _cub_classes(cls: dict, path: Path, problems: list) -> list:
+    "Class names in id order; the ids must be 1..N."
+    n, names = len(cls), {}
+    for k, (ln, (name,)) in cls.items():
+        if k.isdigit() and 1 <= int(k) <= n: names[int(k)] = name
+        else: problems.append(f"{path}:{ln}: class id {k!r} is not one of 1..{n}; number the {n} classes 1..{n}")
+    return [names.get(k, f'<class {k}>') for k in range(1, n + 1)]
+
+def _cub_duplicate_paths(imgs: dict, path: Path, problems: list):
+    first = {}
+    for i, (ln, (rel,)) in imgs.items():
+        key = os.path.normpath(rel.strip())
+        if key in first: problems.append(f"{path}:{ln}: {rel} is already image id {first[key][0]} (line {first[key][1]}); "
+                                         "an image listed twice can land in train and test at once: delete one of the lines")
+        else: first[key] = (i, ln)
+
+def _cub_coverage(imgs: dict, table: dict, path: Path, fmt: str, problems: list):
+    "Ids of images.txt without a line in `table`, and lines of `table` for ids that images.txt does not list."
+    lost = [i for i in imgs if i not in table]
+    if lost: problems.append(f"{path}: no entry for image id(s) {_some(lost, [imgs[i][0] for i in lost], 'images.txt ')}; "
+                             f"add a line {fmt} for each")
+    extra = [i for i in table if i not in imgs]
+    if extra: problems.append(f"{path}: image id(s) {_some(extra, [table[i][0] for i in extra])} are not in images.txt; "
+                              "delete those lines or list the images in images.txt")
+
+def _cub_label(i: str, row, path: Path, n: int, problems: list) -> int | None:
+    if row is None: return None
+    ln, (v,) = row
+    try: k = int(v)
+    except ValueError:
+        problems.append(f"{path}:{ln}: image id {i} has label {v!r}, not a whole number; write its class id, 1..{n} of classes.txt"); return None
+    if 1 <= k <= n: return k - 1
+    problems.append(f"{path}:{ln}: image id {i} has label {k}, outside 1..{n} of classes.txt; use a class id listed there"); return None
+
+def _cub_split(i: str, row, path: Path, problems: list) -> bool | None:
+    if row is None: return None
+    ln, (v,) = row
+    if v.strip() in ('0', '1'): return v.strip() == '1'
+    problems.append(f"{path}:{ln}: image id {i} has split {v!r}; write 1 (train) or 0 (test)"); return None
+
+def _cub_box(i: str, row, path: Path, problems: list) -> tuple | None:
+    if row is None: return None
+    ln, vals = row
+    try: x, y, w, h = map(float, vals)
+    except ValueError:
+        problems.append(f"{path}:{ln}: image id {i} has box {' '.join(vals)!r}, not 4 numbers; write <x> <y> <width> <height> in pixels"); return None
+    if w > 0 and h > 0: return (x, y, x + w, y + h)
+    problems.append(f"{path}:{ln}: image id {i} has a box of width {w:g} and height {h:g}; both must be above 0"); return None
+
+def cub_tables(path, boxes: bool | None = None) -> CubTables:
+    """Parse every annotation file of the CUB layout at `path` and collect **all** their problems (a missing file raises
+    `FileNotFoundError`). `boxes`: read bounding_boxes.txt when present (None), require it (True) or ignore it (False)."""
+    root, P = Path(path), []
+    f = {k: root / n for k, (n, _) in _CUB_FILES.items()}
+    def parse(k, **kw): return _parse_id_file(f[k], 2, _CUB_FILES[k][1], P, **kw)
+    imgs, labs, split, cls = parse('images'), parse('labels'), parse('split'), parse('classes', key='class id')
+    classes = _cub_classes(cls, f['classes'], P)
+    _cub_duplicate_paths(imgs, f['images'], P)
+    ids = list(imgs)
+    _cub_coverage(imgs, labs, f['labels'], '"<image id> <class id>"', P)
+    labels = [_cub_label(i, labs.get(i), f['labels'], len(classes), P) for i in ids]
+    _cub_coverage(imgs, split, f['split'], '"<image id> <1 or 0>"', P)
+    is_train = [_cub_split(i, split.get(i), f['split'], P) for i in ids]
+    bb = None
+    if boxes or (boxes is None and f['boxes'].exists()):
+        table = _parse_id_file(f['boxes'], 5, _CUB_FILES['boxes'][1] + (' (needed by crop_to_box)' if boxes else ''), P)
+        _cub_coverage(imgs, table, f['boxes'], '"<image id> <x> <y> <width> <height>"', P)
+        bb = [_cub_box(i, table.get(i), f['boxes'], P) for i in ids]
+    if all(l is not None for l in labels) and (msg := _empty_classes(np.array(labels, int), classes, f['labels'])): P.append(msg)
+    return CubTables(root, ids, [imgs[i][0] for i in ids], [root / 'images' / imgs[i][1][0] for i in ids], labels,
+                     is_train, classes, bb, P)
 
 def read_cub(path, crop_to_box: bool = False) -> FGDataset:
     "Read the CUB-200-2011 file layout at `path` (also the toy birds, flowers17 and cassava-style sets)."
     root = Path(path)
-    imgs = _read_id_file(root / 'images.txt', 2, '"<image id> <relative path>" lines')
-    labs = _read_id_file(root / 'image_class_labels.txt', 2, '"<image id> <class id, from 1>" lines')
-    split = _read_id_file(root / 'train_test_split.txt', 2, '"<image id> <1 if train else 0>" lines')
-    cls = _read_id_file(root / 'classes.txt', 2, '"<class id> <class name>" lines')
-    ids = list(imgs)
-    for name, d in (('image_class_labels.txt', labs), ('train_test_split.txt', split)):
-        lost = [i for i in ids if i not in d]
-        if lost: raise ValueError(f"{root / name}: no entry for image id(s) {', '.join(lost[:5])} of images.txt")
-    classes = [cls[k][0] for k in sorted(cls, key=int)]
-    labels = np.array([int(labs[i][0]) - 1 for i in ids])
-    bad = [i for i, l in zip(ids, labels) if not 0 <= l < len(classes)]
-    if bad: raise ValueError(f"{root / 'image_class_labels.txt'}: image id {bad[0]} has label {labels[ids.index(bad[0])] + 1}, "
-                             f"outside 1..{len(classes)} of classes.txt")
-    items = [root / 'images' / imgs[i][0] for i in ids]
-    _check_exist(items, root / 'images.txt')
-    _check_classes(labels, classes, root / 'image_class_labels.txt')
-    boxes = None
-    if crop_to_box:
-        bb = _read_id_file(root / 'bounding_boxes.txt', 5, '"<image id> <x> <y> <width> <height>" lines (needed by crop_to_box)')
-        xywh = np.array([[float(v) for v in bb[i]] for i in ids])
-        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
-    return FGDataset(items, labels, [split[i][0] == '1' for i in ids], classes, 'cub', root,
-                     _unlabeled(root), boxes)
+    t = cub_tables(root, boxes=True if crop_to_box else None)
+    if t.problems: raise AnnotationError(t.problems)
+    _check_exist(t.items, root / 'images.txt')
+    return FGDataset(t.items, t.labels, t.is_train, t.classes, 'cub', root, _unlabeled(root),
+                     np.array(t.boxes, float) if crop_to_box else None)
 
 # %% ../nbs/00_data.ipynb #4e65e07d
 AIRCRAFT_LEVELS = ('variant', 'family', 'manufacturer')
@@ -313,14 +416,21 @@ def detect_layout(path) -> tuple[str, Path]:
     raise ValueError(f"{root}: no known data set layout. Looked for {looked}; imagefolder: train/<class>/ + test/<class>/ "
                      f"or <class>/<image> folders. Pass layout= to force a reader.")
 
-def read_dataset(path='default', layout: str | None = None, **kwargs) -> FGDataset:
-    "Read the data set at `path` ('default' = built-in toy birds), detecting its `layout` unless given."
-    if str(path) == 'default': return read_cub(make_toybirds(**{k: kwargs.pop(k) for k in list(kwargs) if k in ('n_per_class', 'n_unlabeled', 'seed', 'size')}), **kwargs)
+def locate_dataset(path='default', layout: str | None = None, **kwargs) -> tuple[str, Path, dict]:
+    "The layout, root folder and reader options of what `read_dataset(path, layout, **kwargs)` reads ('default' makes the toy birds)."
+    if str(path) == 'default':
+        toy = {k: kwargs.pop(k) for k in list(kwargs) if k in ('n_per_class', 'n_unlabeled', 'seed', 'size')}
+        return 'cub', make_toybirds(**toy), kwargs
     if layout is not None:
         if layout not in READERS: raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(READERS)}")
         if not Path(path).exists(): raise FileNotFoundError(f"data folder {path} does not exist")
-        return READERS[layout](path, **kwargs)
+        return layout, Path(path), kwargs
     name, root = detect_layout(path)
+    return name, root, kwargs
+
+def read_dataset(path='default', layout: str | None = None, **kwargs) -> FGDataset:
+    "Read the data set at `path` ('default' = built-in toy birds), detecting its `layout` unless given."
+    name, root, kwargs = locate_dataset(path, layout, **kwargs)
     return READERS[name](root, **kwargs)
 
 # %% ../nbs/00_data.ipynb #2e5f49a2
@@ -381,6 +491,14 @@ def load_image(path, size: int | None = None, box=None, trim_bottom: int = 0, re
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         kind = 'truncated or corrupt image data' if 'truncat' in str(e).lower() or 'broken' in str(e).lower() else 'not a readable image (corrupt, truncated, or not an image file)'
         raise ImageError(path, f"{kind}: {e}") from e
+
+# %% ../nbs/00_data.ipynb #923fa53a
+def image_problem(path, box=None, trim_bottom: int = 0, min_side: int = MIN_SIDE) -> str | None:
+    "What is wrong with the image at `path` when decoded in full, as `load_image` reads it; None when nothing is."
+    try: load_image(path, None, box, trim_bottom, min_side=min_side).load()
+    except ImageError as e: return e.problem
+    except Exception as e: return f"not a readable image ({type(e).__name__}: {e})"  # a decompression bomb, a decoder bug
+    return None
 
 # %% ../nbs/00_data.ipynb #4db1172e
 class ImageRef:

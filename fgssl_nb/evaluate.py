@@ -91,9 +91,10 @@ def extract_features(encoder: nn.Module, dl, device=None, norm: Callable | None 
 WD_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 def standardize(train_f: torch.Tensor, *others: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, ...]:
-    "`train_f` and `others` centred and scaled by the mean and std of `train_f` (constant dims only centred)."
+    "`train_f` and `others` centred and scaled by the mean and std of `train_f`; a dim whose std is below `eps` times the largest std is only centred. Invariant to the features' overall scale."
     mu, sd = train_f.mean(0), train_f.std(0, unbiased=False)
-    sd = torch.where(sd > eps, sd, torch.ones_like(sd))
+    tol = eps * sd.max() if sd.numel() else 0.0  # relative: features of magnitude 1e-9 are as good as any others
+    sd = torch.where(sd > tol, sd, torch.ones_like(sd))
     return tuple((f - mu) / sd for f in (train_f, *others))
 
 @contextlib.contextmanager
@@ -109,12 +110,14 @@ def _small_threads(x: torch.Tensor, c: int = 1):
     return _threads(1 if x.device.type == 'cpu' and x.numel() * c < 2**24 else None)
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, wd: float, n_classes: int | None = None, max_iter: int = 500,
-                 tol: float = 1e-7, dtype: torch.dtype = torch.float64) -> nn.Linear:
-    "Multinomial logistic regression on `x`: mean cross-entropy + `wd`/2 ||W||^2 (bias free), by full-batch L-BFGS."
+                 tol: float = 1e-7, dtype: torch.dtype = torch.float64, init: nn.Linear | None = None) -> nn.Linear:
+    "Multinomial logistic regression on `x`: mean cross-entropy + `wd`/2 ||W||^2 (bias free), by full-batch L-BFGS from zero (or from `init`'s weights)."
     c = int(n_classes if n_classes is not None else y.max() + 1)
     x, y = x.to(dtype), y.to(x.device).long()
     lin = nn.Linear(x.shape[1], c, dtype=dtype, device=x.device)
-    nn.init.zeros_(lin.weight); nn.init.zeros_(lin.bias)
+    if init is None: nn.init.zeros_(lin.weight); nn.init.zeros_(lin.bias)
+    else:
+        with torch.no_grad(): lin.weight.copy_(init.weight); lin.bias.copy_(init.bias)
     opt = torch.optim.LBFGS(lin.parameters(), lr=1, max_iter=max_iter, history_size=20, tolerance_grad=tol,
                             tolerance_change=1e-12, line_search_fn='strong_wolfe')
     def closure():
@@ -136,32 +139,39 @@ def stratified_split(labels, frac: float = 0.2, seed: int = 0) -> tuple[np.ndarr
     return np.sort(np.concatenate(keep)), np.sort(np.concatenate(out))
 
 # %% ../nbs/30_eval.ipynb #75a6d022
-def _probe(train_f, train_y, test_f, wd, c, **kw):
+def _probe(train_f, train_y, test_f, wd, c, dtype=torch.float64, init=None, **kw):
+    "The fitted probe and its class probabilities on `test_f`."
     a, b = standardize(train_f.double(), test_f.double())
-    lin = fit_logistic(a, train_y, wd, c, **kw)
-    return lin(b.to(lin.weight.dtype)).softmax(1)
+    lin = fit_logistic(a, train_y, wd, c, dtype=dtype, init=init, **kw)
+    return lin, lin(b.to(lin.weight.dtype)).softmax(1)
 
 def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
                  wd: float | None = None, wd_grid: Sequence[float] = WD_GRID, val_frac: float = 0.2, seed: int = 0,
-                 **kwargs) -> dict:
+                 search_dtype: torch.dtype = torch.float32, **kwargs) -> dict:
     "Linear-probe top-1 on `test_*` of a logistic regression fit on `train_*`; `wd=None` picks it from `wd_grid` on held-out train."
-    with _small_threads(train_f, 8): return _linear_probe(train_f, train_y, test_f, test_y, wd, wd_grid, val_frac, seed, **kwargs)
+    with _small_threads(train_f, 8):
+        return _linear_probe(train_f, train_y, test_f, test_y, wd, wd_grid, val_frac, seed, search_dtype, **kwargs)
 
-def _linear_probe(train_f, train_y, test_f, test_y, wd, wd_grid, val_frac, seed, **kwargs):
+def _search_wd(train_f, train_y, c, wd_grid, val_frac, seed, dtype, **kwargs):
+    "The weight decay of `wd_grid` with the best held-out accuracy (ties: held-out loss), the held-out accuracy of each, and the chosen fit."
+    keep, out = stratified_split(train_y.cpu().numpy(), val_frac, seed)
+    if len(out) == 0: raise ValueError("linear_probe: too few train features to hold some out for choosing wd; pass wd")
+    keep, out = torch.as_tensor(keep, device=train_f.device), torch.as_tensor(out, device=train_f.device)
+    val, scores, fits, prev = {}, {}, {}, None
+    for w in sorted(wd_grid, reverse=True):  # strongest decay first: each solution starts the next, weaker one
+        prev, p = _probe(train_f[keep], train_y[keep], train_f[out], w, c, dtype=dtype, init=prev, **kwargs)
+        fits[w], val[w] = prev, (p.argmax(1) == train_y[out]).double().mean().item()
+        scores[w] = (val[w], -F.nll_loss(p.double().clamp_min(1e-12).log(), train_y[out]).item())
+    wd = max(wd_grid, key=lambda w: scores[w])
+    return wd, {w: val[w] for w in wd_grid}, fits[wd]
+
+def _linear_probe(train_f, train_y, test_f, test_y, wd, wd_grid, val_frac, seed, search_dtype, **kwargs):
     train_y, test_y = torch.as_tensor(train_y).long().to(train_f.device), torch.as_tensor(test_y).long().to(train_f.device)
     c = int(max(train_y.max(), test_y.max()) + 1)
-    val = {}
-    if wd is None:
-        keep, out = stratified_split(train_y.cpu().numpy(), val_frac, seed)
-        if len(out) == 0: raise ValueError("linear_probe: too few train features to hold some out for choosing wd; pass wd")
-        keep, out = torch.as_tensor(keep, device=train_f.device), torch.as_tensor(out, device=train_f.device)
-        scores = {}
-        for w in wd_grid:
-            p = _probe(train_f[keep], train_y[keep], train_f[out], w, c, **kwargs)
-            val[w] = (p.argmax(1) == train_y[out]).double().mean().item()
-            scores[w] = (val[w], -F.nll_loss(p.clamp_min(1e-12).log(), train_y[out]).item())
-        wd = max(wd_grid, key=lambda w: scores[w])
-    probs = _probe(train_f, train_y, test_f, wd, c, **kwargs).float().cpu()
+    val, init = {}, None
+    if wd is None: wd, val, init = _search_wd(train_f, train_y, c, wd_grid, val_frac, seed, search_dtype, **kwargs)
+    _, probs = _probe(train_f, train_y, test_f, wd, c, init=init, **kwargs)  # float64, from the search's solution
+    probs = probs.float().cpu()
     pred = probs.argmax(1)
     return dict(top1=(pred == test_y.cpu()).double().mean().item(), wd=wd, val_top1=val, pred=pred, probs=probs)
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_learner.ipynb #2501ce38
 from __future__ import annotations
-import contextlib, json, math, os, random, sys, time, warnings
+import contextlib, errno, json, math, os, random, shutil, sys, time, warnings
 from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -22,10 +22,11 @@ from .models import SSLModel, create_encoder, ssl_splitter, Encoder
 from .bench import cpu_has_bf16
 
 # %% auto #0
-__all__ = ['FUSED_DEVICES', 'METHODS', 'TRAINERS', 'METHOD_MODULES', 'SSLCallback', 'DeviceMixedPrecision', 'resolve_precision',
-           'EmbeddingStd', 'KNNMonitor', 'NaNGuard', 'atomic_save', 'RunCheckpoint', 'RunCSVLogger',
-           'resume_from_checkpoint', 'fast_adam', 'fast_sgd', 'register_method', 'register_trainer', 'get_method',
-           'method_options', 'method_names', 'ssl_learner', 'save_encoder', 'load_encoder', 'pretrain']
+__all__ = ['RESUME_HINT', 'FUSED_DEVICES', 'METHODS', 'TRAINERS', 'METHOD_MODULES', 'SSLCallback', 'DeviceMixedPrecision',
+           'resolve_precision', 'EmbeddingStd', 'KNNMonitor', 'NaNGuard', 'WriteError', 'write_error', 'atomic_save',
+           'atomic_write_text', 'append_line', 'RunCheckpoint', 'RunCSVLogger', 'resume_from_checkpoint', 'fast_adam',
+           'fast_sgd', 'register_method', 'register_trainer', 'get_method', 'method_options', 'method_names',
+           'ssl_learner', 'save_encoder', 'load_encoder', 'pretrain', 'export_checkpoint']
 
 # %% ../nbs/03_learner.ipynb #d7a41021
 class SSLCallback(Callback):
@@ -127,6 +128,98 @@ class NaNGuard(TerminateOnNaNCallback):
             self.learn.nan_at = (self.epoch, self.iter)
             raise CancelFitException
 
+# %% ../nbs/03_learner.ipynb #f9f9480d
+class WriteError(OSError):
+    "A run file could not be written (disk full, quota, read-only folder); the message is one line: file, space, what is intact."
+    def __init__(self, msg: str, errno: int | None = None):
+        super().__init__(msg)
+        self.msg, self.errno = msg, errno
+    def __str__(self): return self.msg  # fastai rewrites the `args` of an error raised in a callback: the message stays this line
+
+def _mb(n: int) -> str: return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n:,} bytes"
+
+def _os_error(e: BaseException | None) -> OSError | None:
+    "The `OSError` behind `e`: torch's zip writer reports a failed write as a RuntimeError whose context is the OSError."
+    for _ in range(10):
+        if e is None or isinstance(e, OSError): return e
+        e = e.__cause__ or e.__context__
+    return None
+
+def _is_write_failure(e: BaseException) -> bool:
+    return _os_error(e) is not None or (isinstance(e, RuntimeError) and any(
+        s in str(e) for s in ('inline_container', 'file write failed', 'unexpected pos')))
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, file too large
+
+def write_error(path, err: BaseException, need: int | None = None, hint: str = '', tmp: bool = True) -> WriteError:
+    """The one-line `WriteError` for a failed write of `path`: why, the space needed and free, what is intact, and the fix
+    (free space, or make the folder writable), then `hint` (what to do next, e.g. resume)."""
+    path, ose = Path(path), _os_error(err)
+    why = (ose.strerror or str(ose)) if ose is not None else f"the write failed ({err})"
+    try: free = shutil.disk_usage(path.parent).free
+    except OSError: free = None
+    space = ([f"needs {_mb(need)}"] if need is not None else []) + ([f"{_mb(free)} free in {path.parent}"] if free is not None else [])
+    kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+    full = ose is None or ose.errno in _FULL or ose.errno is None
+    fix = ("free some space (or move the run folder)" if full else f"check that {path.parent} exists and is writable") + (f", then {hint}" if hint else '')
+    msg = (f"could not write {path}: {why}" + (f" ({', '.join(space)})" if space else '') + f"; {kept}"
+           + (", no temporary file left behind" if tmp else '') + f"; {fix}")
+    return WriteError(msg, getattr(ose, 'errno', None))
+
+def _nbytes(obj) -> int:
+    "Bytes of the tensor storages in `obj` (nested dicts, lists, tuples), each storage once: about what `torch.save` writes."
+    seen, stack, n = set(), [obj], 0
+    while stack:
+        o = stack.pop()
+        if isinstance(o, torch.Tensor):
+            s = o.untyped_storage(); key = (s.data_ptr(), s.nbytes())
+            if key not in seen: seen.add(key); n += s.nbytes()
+        elif isinstance(o, dict): stack.extend(o.values())
+        elif isinstance(o, (list, tuple)): stack.extend(o)
+    return n
+
+def _write_atomic(path: Path, write, need, hint: str):
+    "`write(file)` into `path.tmp`, flush it to disk, rename it over `path`; on failure remove the tmp (then `WriteError`)."
+    tmp = path.with_name(path.name + '.tmp')
+    try:
+        with open(tmp, 'wb') as f:
+            write(f); f.flush(); os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError): tmp.unlink(missing_ok=True)
+        if isinstance(e, Exception) and _is_write_failure(e): raise write_error(path, e, need(), hint) from e
+        raise
+
+def atomic_save(obj, path, hint: str = ''):
+    "`torch.save` through a temporary file and a rename: never a half-written file; a failed write keeps the old one (`WriteError`)."
+    _write_atomic(Path(path), lambda f: torch.save(obj, f), lambda: _nbytes(obj), hint)
+
+def atomic_write_text(path, text: str, hint: str = '') -> Path:
+    "Write `text` (UTF-8) to `path` through a temporary file and a rename (`metrics.json`, `results.csv`): the same guarantees."
+    data = text.encode()
+    _write_atomic(Path(path), lambda f: f.write(data), lambda: len(data), hint)
+    return Path(path)
+
+def append_line(path, line: str, hint: str = ''):
+    "Append `line` to `path` and flush it to disk; a failed append cuts the file back to its old length (`WriteError`)."
+    path, data = Path(path), line.encode()
+    new = not path.exists()
+    try: f = open(path, 'ab', buffering=0)  # unbuffered: nothing left in a buffer to fail again on close
+    except OSError as e: raise write_error(path, e, len(data), hint, tmp=False) from e
+    with f:
+        pos = f.seek(0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view: view = view[f.write(view):]
+            os.fsync(f.fileno())
+            return
+        except OSError as e:
+            with contextlib.suppress(OSError): os.ftruncate(f.fileno(), pos)
+            err = e
+    if new:
+        with contextlib.suppress(OSError): path.unlink()
+    raise write_error(path, err, len(data), hint, tmp=False) from err
+
 # %% ../nbs/03_learner.ipynb #c3b8e9b2
 def _rng_state(learn) -> dict:
     return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -144,10 +237,7 @@ def _set_rng_state(learn, s: dict):
     np.random.set_state(s['numpy']); random.setstate(s['python'])
     for dl, st in zip(learn.dls.loaders, s['dls']): dl.rng.setstate(st)
 
-def atomic_save(obj, path: Path):
-    "torch.save to a temporary file, then rename: readers never see a half-written file."
-    path = Path(path); tmp = path.with_name(path.name + '.tmp')
-    torch.save(obj, tmp); os.replace(tmp, path)
+RESUME_HINT = "continue with resume=True (--resume)"
 
 class RunCheckpoint(Callback):
     "Save model, optimiser, epoch and all random states to `run_dir/checkpoint.pth` after each finished epoch."
@@ -160,7 +250,7 @@ class RunCheckpoint(Callback):
         atomic_save(dict(model=self.learn.model.state_dict(), opt=self.learn.opt.state_dict(), epoch=self.epoch,
                          n_epoch=self.n_epoch, rng=_rng_state(self.learn), smooth_loss=(sl.val, sl.count),
                          scaler=_scaler(self.learn).state_dict() if _scaler(self.learn) else None),
-                    self.run_dir / 'checkpoint.pth')
+                    self.run_dir / 'checkpoint.pth', hint=RESUME_HINT)
         self.learn.epochs_done = self.epoch + 1
     def before_fit(self):  # after MixedPrecision (10) made the scaler: a resumed fp16 run keeps its loss scale
         st = getattr(self.learn, '_resume_scaler', None)
@@ -171,17 +261,29 @@ class RunCheckpoint(Callback):
             self.learn.recorder.smooth_loss.val, self.learn.recorder.smooth_loss.count = self.learn._resume_smooth
 
 class RunCSVLogger(CSVLogger):
-    "fastai's `CSVLogger` for resumable runs: one header, and no rows for the epochs skipped while resuming."
+    "fastai's `CSVLogger` for resumable runs: one header, no rows for the epochs skipped while resuming, rows that never half-fail."
     def before_fit(self):
+        if hasattr(self, 'gather_preds'): return
         f = self.path / self.fname
         self.append = self.append and f.exists() and f.stat().st_size > 0
         f.parent.mkdir(parents=True, exist_ok=True)
-        self.file = f.open('a' if self.append else 'w')
-        if not self.append: self.file.write(','.join(self.recorder.metric_names) + '\n')
+        if not self.append: atomic_write_text(f, ','.join(self.recorder.metric_names) + '\n', hint=RESUME_HINT)
         self.old_logger, self.learn.logger = self.logger, self._write_line
     def _write_line(self, log):
-        if self.epoch >= getattr(self.learn, 'resume_epoch', 0): super()._write_line(log)
-        else: self.old_logger(log)
+        if self.epoch >= getattr(self.learn, 'resume_epoch', 0):
+            append_line(self.path / self.fname, ','.join(str(t) for t in log) + '\n', hint=RESUME_HINT)
+        self.old_logger(log)
+    def after_fit(self):
+        if hasattr(self, 'gather_preds'): return
+        self.learn.logger = self.old_logger
+
+def _load_opt(learn, state: dict, f: Path):
+    if learn.opt is None: learn.create_opt()
+    try: learn.opt.load_state_dict(state)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{f}: its optimiser state does not fit this run's optimiser ({type(e).__name__}: {e}); a checkpoint "
+                         "written with fastai's Python optimisers (fgssl_nb before the fused kernels) resumes only with "
+                         "ssl_learner(..., opt_func=fastai.optimizer.Adam or SGD); or start the run again") from e
 
 def resume_from_checkpoint(learn, run_dir) -> int:
     "Load `run_dir/checkpoint.pth` into `learn` (model, optimiser, random states); returns the epoch to start from."
@@ -193,12 +295,10 @@ def resume_from_checkpoint(learn, run_dir) -> int:
     # torch optimisers put their loaded state on the device of each parameter *now*: move the model first (fastai would
     # only move it in before_fit, leaving the state behind on the CPU of a CUDA run)
     learn.model.to(learn.dls.device or torch.device('cpu'))
-    if learn.opt is None: learn.create_opt()
-    try: learn.opt.load_state_dict(ck['opt'])
-    except (KeyError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{f}: its optimiser state does not fit this run's optimiser ({type(e).__name__}: {e}); a checkpoint "
-                         "written with fastai's Python optimisers (fgssl_nb before the fused kernels) resumes only with "
-                         "ssl_learner(..., opt_func=fastai.optimizer.Adam or SGD); or start the run again") from e
+    if ck.get('opt') is not None: _load_opt(learn, ck['opt'], f)
+    elif ck['epoch'] + 1 < ck.get('n_epoch', 0):
+        raise ValueError(f"{f} holds no optimiser state (a checkpoint exported for sharing) and its run stopped after epoch "
+                         f"{ck['epoch'] + 1} of {ck['n_epoch']}: it cannot be continued exactly; start the run again")
     _set_rng_state(learn, ck['rng'])
     learn._resume_smooth, learn._resume_scaler = ck.get('smooth_loss'), ck.get('scaler')
     return ck['epoch'] + 1
@@ -309,10 +409,10 @@ def ssl_learner(dls, method: str = 'simclr', arch: str = 'resnet18', pretrained:
     return learn
 
 # %% ../nbs/03_learner.ipynb #6dbbabdd
-def save_encoder(encoder: Encoder, path, **meta):
-    "Save an encoder's weights with what is needed to rebuild it (`load_encoder`)."
+def save_encoder(encoder: Encoder, path, hint: str = '', **meta):
+    "Save an encoder's weights with what is needed to rebuild it (`load_encoder`); `hint`: what to do if the write fails."
     atomic_save(dict(arch=encoder.arch, arch_kwargs=getattr(encoder, 'arch_kwargs', {}), num_features=encoder.num_features,
-                     state_dict=encoder.state_dict(), meta=meta), Path(path))
+                     state_dict=encoder.state_dict(), meta=meta), Path(path), hint=hint)
 
 def load_encoder(path) -> Encoder:
     "Rebuild an encoder saved by `save_encoder`."
@@ -332,11 +432,13 @@ def _trim_log(run_dir: Path, n_rows: int):
     f = run_dir / 'log.csv'
     if f.exists():
         lines = f.read_text().splitlines(keepends=True)
-        f.write_text(''.join(lines[:1 + n_rows]))
+        atomic_write_text(f, ''.join(lines[:1 + n_rows]), hint=RESUME_HINT)
 
 def pretrain(learn: Learner, epochs: int, lr: float | None = None, run_dir=None, resume: bool = False,
-             config: dict | None = None, pct_start: float = 0.1, progress: bool | None = None) -> Learner:
-    "Train `learn` for `epochs` (one-cycle: warm-up then cosine decay) in `run_dir`, resuming if asked."
+             config: dict | None = None, pct_start: float = 0.1, progress: bool | None = None,
+             keep_optimizer: bool = True) -> Learner:
+    """Train `learn` for `epochs` (one-cycle: warm-up then cosine decay) in `run_dir`, resuming if asked.
+    `keep_optimizer=False`: once all epochs are done, drop the optimiser state from `checkpoint.pth` (see `export_checkpoint`)."""
     if progress is None: progress = sys.stdout.isatty() or _in_notebook()
     run_dir = Path(run_dir or learn.path); run_dir.mkdir(parents=True, exist_ok=True)
     learn.path = run_dir
@@ -349,8 +451,8 @@ def pretrain(learn: Learner, epochs: int, lr: float | None = None, run_dir=None,
         _trim_log(run_dir, start)
         if start >= epochs: print(f"{run_dir}: all {epochs} epochs already done")
     else:
-        (run_dir / 'config.json').write_text(json.dumps(dict(config or {}, epochs=epochs, lr=lr, method=learn.method,
-                                                             precision=learn.precision), indent=1, default=str))
+        atomic_write_text(run_dir / 'config.json', json.dumps(dict(config or {}, epochs=epochs, lr=lr, method=learn.method,
+                                                                   precision=learn.precision), indent=1, default=str))
     learn.resume_epoch, learn.epochs_done = start, start
     if start < epochs:
         cbs = [RunCSVLogger('log.csv', append=resume)]  # fastai puts it under learn.path = run_dir
@@ -364,5 +466,19 @@ def pretrain(learn: Learner, epochs: int, lr: float | None = None, run_dir=None,
         print(f"stopped after epoch {learn.epochs_done} of {epochs}; continue with resume=True (--resume)")
     else:  # a method whose model has no `.encoder` (a GAN) says what to export with `learn.export_encoder()`
         enc = learn.export_encoder() if hasattr(learn, 'export_encoder') else learn.model.encoder
-        save_encoder(enc, run_dir / 'encoder.pth', method=learn.method, epochs=epochs)
+        save_encoder(enc, run_dir / 'encoder.pth', hint="run again with resume=True (--resume) to write it",
+                     method=learn.method, epochs=epochs)
+        if not keep_optimizer and (run_dir / 'checkpoint.pth').exists(): export_checkpoint(run_dir, run_dir / 'checkpoint.pth')
     return learn
+
+# %% ../nbs/03_learner.ipynb #6bf4818d
+def export_checkpoint(src, dest, keep_optimizer: bool = False) -> Path:
+    "Copy the checkpoint of run folder (or file) `src` to `dest` (a file or a folder), without the optimiser state unless `keep_optimizer`."
+    src = Path(src); f = src / 'checkpoint.pth' if src.is_dir() else src
+    if not f.exists(): raise FileNotFoundError(f"{f} does not exist: no checkpoint to export")
+    try: ck = torch.load(f, map_location='cpu', weights_only=False)
+    except Exception as e: raise ValueError(f"{f}: unreadable checkpoint ({type(e).__name__}: {e})") from e
+    if not keep_optimizer: ck = {k: v for k, v in ck.items() if k not in ('opt', 'scaler')}
+    dest = Path(dest); dest = dest / f.name if dest.is_dir() else dest
+    atomic_save(ck, dest)
+    return dest

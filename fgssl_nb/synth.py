@@ -39,8 +39,9 @@ class FeatureDecoder(nn.Module):
         x = self.stem(self.fc(h).view(len(h), self.width, self.start, self.start))
         x = self.out(self.up(x))
         size = tuple(size) if isinstance(size, (tuple, list, torch.Size)) else (size or self.size,) * 2
-        if tuple(x.shape[-2:]) != size:
-            x = F.interpolate(x, size=size, mode='bilinear', align_corners=False, antialias=x.shape[-1] > size[-1])
+        if tuple(x.shape[-2:]) != size:  # in float32: CPU kernels of antialiased resizing have no bf16 version
+            with torch.autocast(x.device.type, enabled=False):
+                x = F.interpolate(x.float(), size=size, mode='bilinear', align_corners=False, antialias=x.shape[-1] > size[-1])
         return x
 
 # %% ../nbs/20_synth_pairs.ipynb #092e5d42

@@ -4,7 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from fgssl_nb.data import read_dataset, read_cub, read_imagefolder, load_image, labeled_dls, ssl_dls, ImageError, verify_images
+from fgssl_nb.data import (read_dataset, read_cub, read_imagefolder, load_image, labeled_dls, ssl_dls, ImageError, verify_images,
+                           AnnotationError)
 
 
 @pytest.fixture
@@ -129,3 +130,66 @@ def test_draft_decode_matches_full_decode(tiny):
     l, t = (full.width - 32) // 2, (full.height - 32) // 2
     ref = np.asarray(full.crop((l, t, l + 32, t + 32)), float)
     assert np.abs(fast - ref).mean() < 6
+
+
+# --- the annotation files: every problem as `file:line: what is wrong; how to fix`, all of them in one error
+
+def _edit(f: Path, old: str, new: str):
+    text = f.read_text(); assert old in text, (f, old); f.write_text(text.replace(old, new, 1))
+
+
+def test_duplicate_id_named_with_its_line(cub):
+    first = (cub / 'images.txt').read_text().splitlines()[0]
+    with open(cub / 'images.txt', 'a') as f: f.write(first + '\n')  # line 33 of 32 + 1
+    with pytest.raises(AnnotationError, match=r'images.txt:33: image id 1 is already on line 1; delete one of the two lines'):
+        read_dataset(cub)
+
+
+def test_malformed_label_named_with_its_line(cub):
+    _edit(cub / 'image_class_labels.txt', '\n3 1\n', '\n3 abc\n')
+    with pytest.raises(ValueError, match=r"image_class_labels.txt:3: image id 3 has label 'abc', not a whole number; "
+                                         r"write its class id, 1..8 of classes.txt"): read_dataset(cub)
+
+
+def test_split_must_be_one_or_zero(cub):
+    _edit(cub / 'train_test_split.txt', '\n2 1\n', '\n2 yes\n')  # was silently read as "test" before
+    with pytest.raises(AnnotationError, match=r"train_test_split.txt:2: image id 2 has split 'yes'; write 1 \(train\) or 0 \(test\)"):
+        read_dataset(cub)
+
+
+def test_same_image_under_two_ids(cub):
+    lines = (cub / 'images.txt').read_text().splitlines()
+    (cub / 'images.txt').write_text('\n'.join(lines[:1] + [f"2 {lines[0].split()[1]}"] + lines[2:]) + '\n')
+    with pytest.raises(AnnotationError, match=r'images.txt:2: .* is already image id 1 \(line 1\); an image listed twice can land in train and test'):
+        read_dataset(cub)
+
+
+def test_id_only_in_a_side_file(cub):
+    with open(cub / 'image_class_labels.txt', 'a') as f: f.write('99 1\n')
+    with pytest.raises(AnnotationError, match=r'image_class_labels.txt: image id\(s\) 99 \(line 33\) are not in images.txt; delete those lines'):
+        read_dataset(cub)
+
+
+def test_class_ids_must_run_from_one(cub):
+    _edit(cub / 'classes.txt', '8 ', '9 ')
+    with pytest.raises(AnnotationError, match=r"classes.txt:8: class id '9' is not one of 1..8; number the 8 classes 1..8"): read_dataset(cub)
+
+
+def test_bad_box_named(cub):
+    _edit(cub / 'bounding_boxes.txt', '\n2 ', '\n2 x ')
+    with pytest.raises(AnnotationError, match=r'bounding_boxes.txt:2: expected 5 fields'): read_dataset(cub)
+    _edit(cub / 'bounding_boxes.txt', '\n2 x ', '\n2 ')
+    rows = (cub / 'bounding_boxes.txt').read_text().splitlines()
+    rows[2] = '3 1 1 0 5'
+    (cub / 'bounding_boxes.txt').write_text('\n'.join(rows) + '\n')
+    with pytest.raises(AnnotationError, match=r'bounding_boxes.txt:3: image id 3 has a box of width 0 and height 5; both must be above 0'):
+        read_dataset(cub, crop_to_box=True)
+
+
+def test_all_problems_in_one_error(cub):
+    _edit(cub / 'image_class_labels.txt', '\n3 1\n', '\n3 abc\n')
+    _edit(cub / 'train_test_split.txt', '\n2 1\n', '\n')
+    with open(cub / 'images.txt', 'a') as f: f.write('1 elsewhere.jpg\n')
+    with pytest.raises(AnnotationError) as e: read_dataset(cub)
+    assert len(e.value.problems) == 3 and str(e.value).startswith('3 problems in the annotation files:\n')
+    assert [p.split(': ')[0].rsplit('/', 1)[-1] for p in e.value.problems] == ['images.txt:33', 'image_class_labels.txt:3', 'train_test_split.txt']

@@ -30,4 +30,31 @@ def test_cli_compare_end_to_end(birds, tmp_path):
     assert results_markdown(s).splitlines()[2].startswith('| random init | 2 |')
     assert '| random init | 2 |' in r.stdout
     bad = subprocess.run([str(BIN / 'fgssl_compare'), '--grid', 'nope'], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.strip().endswith("choose from system1, system2, alpha")
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("choose from system1, system2, alpha, lcr")
+
+
+def test_write_error_stops_the_grid(birds, tmp_path, monkeypatch):
+    "A full disk is not one failed entry among others: the grid stops at once with that error, nothing recorded as failed."
+    import pytest
+    from fgssl_nb import compare
+    from fgssl_nb.learner import WriteError
+    calls = []
+    def full(e, *a, **k):
+        calls.append(e['name']); raise WriteError(f"could not write {tmp_path}/x/checkpoint.pth: No space left on device")
+    monkeypatch.setattr(compare, 'run_entry', full)
+    grid = [dict(name='a', encoder='random'), dict(name='b', encoder='random')]
+    with pytest.raises(WriteError): run_grid(grid, birds, seeds=(0,), out=tmp_path, epochs=1, size=32, bs=8)
+    assert calls == ['a'] and not (tmp_path / 'errors.json').exists()
+
+
+def test_bad_data_stop_the_grid_before_the_first_entry(birds, tmp_path):
+    import shutil, pytest
+    from fgssl_nb.check import PreflightError
+    d = shutil.copytree(birds, tmp_path / 'd')
+    img = sorted((d / 'images').rglob('*.jpg'))[0]; img.write_bytes(b'\x00' * 100)
+    with pytest.raises(PreflightError, match='1 unreadable image'):
+        run_grid([dict(name='random init', encoder='random')], d, seeds=(0,), out=tmp_path / 'o', size=32)
+    assert list((tmp_path / 'o').iterdir()) == []
+    df = run_grid([dict(name='random init', encoder='random')], d, seeds=(0,), out=tmp_path / 'o', size=32, skip_bad=True)
+    assert len(df) == 1 and (tmp_path / 'o' / 'random_init' / 'seed0' / 'skipped.txt').exists()
+    assert json.loads((tmp_path / 'o' / 'random_init' / 'seed0' / 'metrics.json').read_text())['skipped_images'] == 1
