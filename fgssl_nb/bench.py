@@ -7,9 +7,8 @@ from __future__ import annotations
 import time, json, math, platform
 import numpy as np
 from pathlib import Path
-import torch, torch.nn as nn
 from fastcore.script import call_parse, Param, store_true
-from .data import read_dataset, ssl_dls
+# torch, fastai and the data code are imported inside the functions: `fgssl_bench --help` answers at once
 
 # %% auto #0
 __all__ = ['STEP_PARTS', 'cpu_has_bf16', 'model_throughput', 'loader_throughput', 'bench_loader', 'format_rows',
@@ -24,10 +23,12 @@ def cpu_has_bf16() -> bool:
     return any(f in flags for f in ('avx512_bf16', 'amx_bf16'))
 
 def _sync(device):
+    import torch
     if device.type == 'cuda': torch.cuda.synchronize()
 
 def _bare_resnet(size: int, bs: int, fast: bool, device=None):
     "A torchvision ResNet-18, a ready batch, its SGD, and whether bf16 autocast applies (`fast`: also channels_last)."
+    import torch
     from torchvision.models import resnet18
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     m = resnet18(num_classes=128).to(device)
@@ -39,6 +40,7 @@ def _bare_resnet(size: int, bs: int, fast: bool, device=None):
 def model_throughput(size: int = 64, bs: int = 64, fast: bool = True, steps: int = 5, warmup: int = 2,
                      device=None) -> float:
     "Images/s of ResNet-18 training steps (fwd + bwd + SGD) on ready tensors; `fast`: bf16 autocast + channels_last."
+    import torch, torch.nn as nn
     m, x, y, opt, use_bf16, device = _bare_resnet(size, bs, fast, device)
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -52,6 +54,7 @@ def model_throughput(size: int = 64, bs: int = 64, fast: bool = True, steps: int
 
 def loader_throughput(dl, epochs: int = 2, warmup_batches: int = 2) -> float:
     "Images/s that DataLoader `dl` delivers (after a short warm-up that starts its workers)."
+    import torch
     for i, _ in enumerate(dl):
         if i + 1 >= warmup_batches: break
     n, t0 = 0, time.perf_counter()
@@ -64,6 +67,7 @@ def loader_throughput(dl, epochs: int = 2, warmup_batches: int = 2) -> float:
 def bench_loader(data='default', sizes=(64, 128), bs: int = 64, num_workers: int | None = None, epochs: int = 2,
                  model_steps: int = 5) -> list[dict]:
     "For each size: `ssl_dls` images/s vs ResNet-18 training images/s (fp32 and fast path), and their ratio."
+    from fgssl_nb.data import read_dataset, ssl_dls
     ds, rows = read_dataset(data), []
     for size in sizes:
         dls = ssl_dls(ds, size=size, bs=bs, valid_pct=0.0, num_workers=num_workers)
@@ -113,6 +117,8 @@ def _without_views(learn):
 
 def plain_fp32_throughput(data='default', size: int = 64, bs: int = 64, n_batches: int = 8, workers: int = 2) -> float:
     "Source images/s of a plain SimCLR step: torchvision per-image views in DataLoader workers, fp32 model."
+    import torch, torch.nn as nn
+    from fgssl_nb.data import read_dataset
     import torchvision.transforms as T
     from torchvision.models import resnet18
     from fgssl_nb.data import IMAGENET_MEAN, IMAGENET_STD, load_image
@@ -146,6 +152,7 @@ def bench_methods(methods=('simclr', 'moco', 'simsiam', 'byol'), data='default',
     On a shared machine the speed drifts by tens of percent within minutes, so each round times the bare backbone, the
     method and the method without views back to back; images/s are the best of `rounds`, ratios the median of the
     rounds' ratios. The fp32 figures are measured once."""
+    from fgssl_nb.data import read_dataset, ssl_dls
     from fgssl_nb.learner import ssl_learner, resolve_precision
     ds = read_dataset(data)
     dls = ssl_dls(ds, size=size, bs=bs, valid_pct=0.02, num_workers=workers)
@@ -193,6 +200,7 @@ def fgssl_bench(what: Param("what to measure: 'loader' (ssl_dls vs ResNet-18 tra
                 batches: Param("methods: training batches timed per measurement (more: less noise on a shared machine)", int) = 8,
                 rounds: Param("methods: interleaved rounds; images/s are the best round, ratios the median", int) = 3):
     "Print throughput benchmarks of this machine."
+    import torch
     if what not in ('loader', 'methods', 'parts', 'eval', 'fp32'): raise SystemExit(f"fgssl_bench: unknown benchmark {what!r}; available: loader, methods, parts, eval, fp32")
     if batches < 1 or rounds < 1: raise SystemExit(f"fgssl_bench: --batches and --rounds must be at least 1, got {batches} and {rounds}")
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -267,6 +275,7 @@ def step_parts(learn, n_batches: int = 16) -> dict:
 
 def bare_parts(size: int = 64, bs: int = 128, fast: bool = True, n: int = 16, device=None) -> dict:
     "Fastest ms of forward (with the loss), backward and SGD step of a bare ResNet-18 on ready tensors, over `n` steps."
+    import torch, torch.nn as nn
     m, x, y, opt, use_bf16, device = _bare_resnet(size, bs, fast, device)
     best = dict(forward=math.inf, backward=math.inf, step=math.inf)
     def tick(): _sync(device); return time.perf_counter()
@@ -282,6 +291,7 @@ def bare_parts(size: int = 64, bs: int = 128, fast: bool = True, n: int = 16, de
 def bench_parts(methods=('simclr', 'moco', 'simsiam', 'byol'), data='default', size: int = 64, bs: int = 64,
                 n_batches: int = 16, workers: int | None = None) -> list[dict]:
     "Per method, the fastest ms of each step part, next to the bare backbone's (two views' worth), and the overhead."
+    from fgssl_nb.data import read_dataset, ssl_dls
     from fgssl_nb.learner import ssl_learner, resolve_precision
     dls = ssl_dls(read_dataset(data), size=size, bs=bs, valid_pct=0.02, num_workers=workers)
     for _ in dls.train: pass  # steady state: the decoded-image cache is full
@@ -297,6 +307,7 @@ def bench_parts(methods=('simclr', 'moco', 'simsiam', 'byol'), data='default', s
 # %% ../nbs/90_bench.ipynb #62487a62
 def _bare_forward_seconds(enc, n: int, size: int, bs: int) -> float:
     "Seconds of `enc`'s eval-mode forward over `n` images of `size` px in batches of `bs` (ready tensors)."
+    import torch
     from fgssl_nb.data import normalize
     from fgssl_nb.evaluate import eval_mode
     x, nb = torch.rand(bs, 3, size, size), math.ceil(n / bs)
@@ -309,6 +320,7 @@ def _bare_forward_seconds(enc, n: int, size: int, bs: int) -> float:
 def bench_eval(data='default', arch: str = 'resnet18', pretrained: bool = False, size: int = 64, bs: int = 64,
                workers: int | None = None) -> list[dict]:
     "Seconds of each part of the frozen-feature evaluation of an `arch` encoder on `data`, and their ratio to a bare forward pass."
+    from fgssl_nb.data import read_dataset
     from fgssl_nb.data import labeled_dls
     from fgssl_nb.models import create_encoder
     from fgssl_nb.evaluate import extract_features, eval_dl, linear_probe, knn_top1, retrieval_metrics
@@ -329,6 +341,8 @@ def bench_eval(data='default', arch: str = 'resnet18', pretrained: bool = False,
 # %% ../nbs/90_bench.ipynb #825bb225
 def bench_fp32(data='default', size: int = 64, n_batches: int = 8, rounds: int = 2, compile: bool = True) -> list[dict]:
     "Images/s of the fp32 SimCLR training step under each lever (channels_last, torch.compile, batch size, threads), and the ratio to eager fp32 at batch 64."
+    import torch
+    from fgssl_nb.data import read_dataset, ssl_dls
     from fastai.callback.channelslast import ChannelsLast
     from fgssl_nb.learner import ssl_learner
     ds = read_dataset(data)

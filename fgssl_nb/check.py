@@ -22,7 +22,7 @@ def _cub_entries(root: Path, layout: str, kw: dict) -> tuple[list, list, int]:
     "CUB layout: all annotation problems (missing image files named with their images.txt line) and `(path, box, split)` per image."
     from fgssl_nb.data import cub_tables, _unlabeled
     crop = bool(kw.get('crop_to_box'))
-    t = cub_tables(root, boxes=True if crop else None)
+    t = cub_tables(root, boxes=True if crop else False)
     problems, entries = list(t.problems), []
     for k, p in enumerate(t.items):
         if not p.is_file():
@@ -42,7 +42,7 @@ def _reader_entries(root: Path, layout: str, kw: dict) -> tuple[list, list, int]
             + [(p, None, 'unlabeled') for p in ds.unlabeled], ds.trim_bottom)
 
 # %% ../nbs/04_check.ipynb #08bb21cb
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 def cache_file(root, cache_dir=None) -> Path:
     "The JSON file that keeps the pre-flight results of data folder `root`: in `cache_dir`, else `$FGSSL_HOME/preflight/`."
@@ -70,24 +70,26 @@ def _save_cache(f: Path | None, images: dict):
         warnings.warn(f"the pre-flight cache {f} could not be written ({e}); the next check decodes every image again")
 
 def _stamp(p: Path, box, trim: int, min_side: int) -> list:
-    "What a cached result is valid for: the file's size and mtime, and the options of the check."
+    "What a cached result is valid for: the file's size, mtime, ctime and inode (a file copied over it with `cp -p` changes the last two), and the options of the check."
     st = p.stat()
-    return [st.st_size, st.st_mtime_ns, f"{box}|{trim}|{min_side}"]
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, f"{box}|{trim}|{min_side}"]
 
-def check_images(entries, workers: int | None = None, cache: Path | None = None) -> tuple[dict, int]:
+def check_images(entries, workers: int | None = None, cache: Path | None = None, refresh: bool = False) -> tuple[dict, int]:
     """Decode every `(path, box, trim_bottom)` of `entries` in full in `workers` threads (default: one per core), except
-    those the `cache` file holds with the same size and mtime. Returns `{path: problem}` of the bad ones, and how many were decoded."""
+    those the `cache` file holds as good with the same stamp (`refresh`: decode all, then rewrite the cache). Only good
+    images are taken from the cache: a bad one is decoded again each time (a passing error, e.g. a permission fixed
+    since, never sticks). Returns `{path: problem}` of the bad ones, and how many were decoded."""
     from fgssl_nb import data
-    old, done, todo = _load_cache(cache), {}, []
+    old, done, todo = ({} if refresh else _load_cache(cache)), {}, []
     for p, box, trim in entries:
         stamp, hit = _stamp(Path(p), box, trim, data.MIN_SIDE), old.get(str(p))
-        if hit is not None and hit[:3] == stamp: done[str(p)] = hit
+        if hit is not None and hit[:-1] == stamp and hit[-1] is None: done[str(p)] = hit
         else: todo.append((p, box, trim, stamp))
     def decode(e): return e, data.image_problem(e[0], e[1], e[2])
     with ThreadPoolExecutor(max(1, workers or os.cpu_count() or 1)) as ex:
         for (p, _, _, stamp), problem in ex.map(decode, todo): done[str(p)] = stamp + [problem]
     if todo or set(old) != set(done): _save_cache(cache, done)
-    return {p: v[3] for p, v in done.items() if v[3] is not None}, len(todo)
+    return {p: v[-1] for p, v in done.items() if v[-1] is not None}, len(todo)
 
 # %% ../nbs/04_check.ipynb #261bd4cd
 _SPLIT_ORDER = {'train': 0, 'test': 1, 'unlabeled': 2}
@@ -124,15 +126,17 @@ class PreflightReport:
             out += [f"  {p} [{s}]: {m}" for p, (s, m) in sorted(self.bad_images.items())]
         return '\n'.join(out)
 
-def preflight(data='default', layout: str | None = None, workers: int | None = None, cache: bool = True,
+def preflight(data='default', layout: str | None = None, workers: int | None = None, cache: bool | str = True,
               cache_dir=None, **read_kwargs) -> PreflightReport:
     """Check data set `data` before a run: every annotation line parsed, every image of every split decoded in full (in
-    `workers` threads), **all** problems in one report. With `cache`, images unchanged since the last check are not decoded again."""
+    `workers` threads), **all** problems in one report. With `cache`, images found good and unchanged since the last
+    check are not decoded again; `cache='refresh'` decodes every image and rewrites the cache; `False` neither reads nor writes it."""
     from fgssl_nb.data import locate_dataset
     t0 = time.perf_counter()
     layout, root, kw = locate_dataset(data, layout, **read_kwargs)
     problems, entries, trim = (_cub_entries if layout == 'cub' else _reader_entries)(root, layout, kw)
-    bad, n = check_images([(p, b, trim) for p, b, _ in entries], workers, cache_file(root, cache_dir) if cache else None)
+    bad, n = check_images([(p, b, trim) for p, b, _ in entries], workers, cache_file(root, cache_dir) if cache else None,
+                          refresh=cache == 'refresh')
     split = {str(p): s for p, _, s in entries}
     return PreflightReport(root, layout, problems, {p: (split[p], m) for p, m in bad.items()}, len(split), n,
                            time.perf_counter() - t0)
@@ -192,7 +196,7 @@ def check_for_run(data='default', out_dir=None, skip_bad: bool = False, layout: 
     return ds, info
 
 # %% ../nbs/04_check.ipynb #4d30e1ac
-def check_command(data, layout: str | None = None, workers: int | None = None, cache: bool = True, cache_dir=None) -> int:
+def check_command(data, layout: str | None = None, workers: int | None = None, cache: bool | str = True, cache_dir=None) -> int:
     "What `fgssl_check` does: a summary and 0 when the data set is clean; the report on stderr and 2 when not."
     try: rep = preflight(data, layout, workers, cache, cache_dir)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
@@ -205,6 +209,6 @@ def check_command(data, layout: str | None = None, workers: int | None = None, c
 def fgssl_check(data: Param("data folder (CUB, FGVC-Aircraft, Stanford Cars, Flowers-102 or class folders), or 'default'", str, opt=False),
                 layout: Param("force a reader: cub, aircraft, cars, flowers102, imagefolder (default: detected)", str) = None,
                 workers: Param("decoding threads (default: one per core)", int) = None,
-                no_cache: Param("decode every image again, even those unchanged since the last check", store_true) = False):
+                no_cache: Param("decode every image again, even those unchanged since the last check, and rewrite the cache", store_true) = False):
     "Check a data set before a long run: every annotation line parsed, every image decoded in full; all problems in one report (exit 2)."
-    sys.exit(check_command(data, layout, workers, not no_cache))
+    sys.exit(check_command(data, layout, workers, 'refresh' if no_cache else True))

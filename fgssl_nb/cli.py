@@ -99,10 +99,15 @@ def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18',
         pretrained, precision, epochs = cfg['pretrained'], cfg['precision_asked'], cfg['epochs']
         lr, method_kwargs = cfg['lr'], cfg.get('method_kwargs', method_kwargs)
         skip_bad = cfg.get('skip_bad', skip_bad)  # the images it was started with
+        keep_optimizer = cfg.get('keep_optimizer', keep_optimizer)
     ds, data_info = check_for_run(data, out, skip_bad=skip_bad)  # every file read before any training
+    if resume and (out / 'config.json').exists() and cfg.get('data_check', data_info) != data_info:
+        print(f"warning: the data changed since this run started (then {cfg['data_check']}, now {data_info}); "
+              "it continues on the images there are now")
     set_seed(seed)
     config = dict(method=method, data=str(data), arch=arch, pretrained=pretrained, size=size, bs=bs, seed=seed, views=views,
-                  precision_asked=precision, workers=workers, method_kwargs=method_kwargs, skip_bad=skip_bad, data_check=data_info)
+                  precision_asked=precision, workers=workers, method_kwargs=method_kwargs, skip_bad=skip_bad, data_check=data_info,
+                  keep_optimizer=keep_optimizer)
     if method in TRAINERS:  # a GAN or a supervised baseline: its own Learner, the same run folder
         print(f"training {method} ({arch}{', ImageNet init' if pretrained else ''}, {size}px, batch {bs}) for {epochs} epochs -> {out}")
         if not keep_optimizer: print(f"note: --drop_optimizer is for the SSL methods; {method}'s checkpoint.pth keeps its optimiser state")

@@ -12,8 +12,8 @@ from fastcore.script import call_parse, Param, store_true
 from .cli import pretrain_run, evaluate_run, scale_lr, METRIC_COLS, _user_errors, die
 
 # %% auto #0
-__all__ = ['SYSTEM1_VIEWS', 'SYNTH_IMAGENET', 'GRIDS', 'PRESETS', 'RUN_DEFAULTS', 'METRICS', 'resolve_entry', 'slug', 'run_entry',
-           'run_grid', 'summarize', 'results_markdown', 'plot_results', 'fgssl_compare']
+__all__ = ['SYSTEM1_VIEWS', 'SYNTH_IMAGENET', 'GRIDS', 'PRESETS', 'RUN_DEFAULTS', 'METRICS', 'resolve_entry', 'slug',
+           'SettingMismatch', 'run_entry', 'run_grid', 'summarize', 'results_markdown', 'plot_results', 'fgssl_compare']
 
 # %% ../nbs/50_compare.ipynb #756ababd
 SYSTEM1_VIEWS = ('gamma', 'dropout', 'regions', 'patchswap', 'dcl', 'jigsaw')
@@ -40,7 +40,7 @@ GRIDS: dict[str, list[dict]] = {
                 dict(name='synth-simsiam (variance)', method='synth-simsiam', kw=dict(criterion='variance'))],
     # System 2's alpha sweep (weight of the reconstruction loss), nu fixed
     'alpha': [dict(name=f'synth-moco alpha={a}', method='synth-moco', kw=dict(alpha=a)) for a in (0.0, 0.3, 1.0, 3.0)],
-    # System 2 as LCR runs it (with --pretrained: an ImageNet-initialised encoder; preset `--protocol lcr`): the
+    # System 2 as LCR runs it (with --pretrained: an ImageNet-initialised encoder; preset `--preset lcr`): the
     # starting encoder untouched (the floor), MoCo v2 and SimSiam with and without the synthesized pairs, and
     # supervised training on the labels (fine-tuning from ImageNet, the encoder at a tenth of the head's rate)
     'lcr': [dict(name='init', encoder='init'),
@@ -70,14 +70,22 @@ def slug(name: str) -> str:
     return re.sub(r'[^A-Za-z0-9.=-]+', '_', name).strip('_')
 
 # %% ../nbs/50_compare.ipynb #56ffec16
+class SettingMismatch(ValueError):
+    "A run folder that holds a run made with other settings than the ones asked for."
+
+def _expected(entry: dict, arch: str, pretrained: bool, size: int, bs: int, epochs: int) -> dict:
+    "The settings that `entry`'s run folder must have been made with (a baseline: only evaluated, at `size`)."
+    if entry.get('encoder'): return dict(arch=entry.get('arch', arch), size=size)
+    return dict(arch=entry.get('arch', arch), pretrained=pretrained, size=size, bs=entry.get('bs', bs), epochs=epochs)
+
 def _check_same_setting(run: Path, **want):
-    "Refuse to reuse a run folder made with another architecture, initialisation or image size."
-    f = run / 'config.json'
+    "Refuse to reuse a run folder made with other settings (its config.json, or a baseline's metrics.json): a table never mixes two."
+    f = run / 'config.json' if (run / 'config.json').exists() else run / 'metrics.json'
     if not f.exists(): return
     cfg = json.loads(f.read_text())
     diff = {k: (cfg[k], v) for k, v in want.items() if k in cfg and cfg[k] != v}
-    if diff: raise ValueError(f"{run} was made with " + ', '.join(f"{k}={a!r}" for k, (a, _) in diff.items()) + "; this run asks for "
-                              + ', '.join(f"{k}={b!r}" for _, (_, b) in diff.items()) + ": use another --out")
+    if diff: raise SettingMismatch(f"{run} was made with " + ', '.join(f"{k}={a!r}" for k, (a, _) in diff.items()) + "; this run asks for "
+                                   + ', '.join(f"{k}={b!r}" for k, (_, b) in diff.items()) + ": use another --out")
 
 def run_entry(entry: dict, data='default', seed: int = 0, out='runs/compare', epochs: int = 10, size: int = 64,
               bs: int = 64, precision: str = 'auto', protocols=('linear', 'knn', 'retrieval'), arch: str = 'resnet18',
@@ -85,6 +93,7 @@ def run_entry(entry: dict, data='default', seed: int = 0, out='runs/compare', ep
     "Pretrain and evaluate one grid `entry` for one `seed` in `out/<slug>/seed<seed>`; returns its metrics row."
     entry = resolve_entry(entry, pretrained)
     run = Path(out) / slug(entry['name']) / f'seed{seed}'
+    _check_same_setting(run, **_expected(entry, arch, pretrained, size, bs, epochs))
     protocols, arch = tuple(entry.get('protocols', protocols)), entry.get('arch', arch)
     t0 = time.perf_counter()
     if entry.get('encoder'):  # an untrained baseline: evaluation only
@@ -93,7 +102,6 @@ def run_entry(entry: dict, data='default', seed: int = 0, out='runs/compare', ep
     else:
         # an entry's own lr is quoted at its own bs, or else at the grid's reference batch 64: scaled (linearly) with --bs
         lr = entry.get('lr') if 'bs' in entry or entry.get('lr') is None else scale_lr(entry['lr'], bs)
-        _check_same_setting(run, arch=arch, pretrained=pretrained, size=size)
         if not (run / 'encoder.pth').exists():
             pretrain_run(entry['method'], data, arch=arch, pretrained=pretrained, size=size, bs=entry.get('bs', bs), epochs=epochs,
                          seed=seed, lr=lr, out=run, resume=(run / 'checkpoint.pth').exists(), views=entry.get('views'),
@@ -120,9 +128,13 @@ def run_grid(grid: str | list[dict], data='default', seeds=(0,), out='runs/compa
     from fgssl_nb.learner import WriteError
     if isinstance(grid, str) and grid not in GRIDS: raise ValueError(f"unknown grid {grid!r}; choose from {', '.join(GRIDS)}")
     entries = GRIDS[grid] if isinstance(grid, str) else grid
+    if only: entries = [e for e in entries if {e['name'], slug(e['name']), resolve_entry(e, pretrained)['name'],
+                                                slug(resolve_entry(e, pretrained)['name'])} & set(only)]
     entries = [resolve_entry(e, pretrained) for e in entries]
-    if only: entries = [e for e in entries if e['name'] in only or slug(e['name']) in only]
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    for seed in seeds:  # before anything is computed: a folder made with other settings stops the grid (SettingMismatch)
+        for e in entries: _check_same_setting(out / slug(e['name']) / f'seed{seed}', **_expected(e, arch, pretrained, size, bs, epochs))
+    out.mkdir(parents=True, exist_ok=True)
     check_for_run(data, out, skip_bad=skip_bad)  # bad data: one report (PreflightError), not one failure per entry
     rows, errors = [], {}
     for seed in seeds:
@@ -130,7 +142,7 @@ def run_grid(grid: str | list[dict], data='default', seeds=(0,), out='runs/compa
             print(f"[{e['name']} seed {seed}]", flush=True)
             try: rows.append(run_entry(e, data, seed, out, epochs, size, bs, precision, arch=arch, pretrained=pretrained,
                                        skip_bad=skip_bad))
-            except WriteError: raise  # a full disk: every later entry would fail too
+            except (WriteError, SettingMismatch): raise  # a full disk, a folder of another setting: every later entry would fail too
             except _user_errors() as err:
                 errors[f"{e['name']} seed {seed}"] = f"{type(err).__name__}: {err}"; print(f"  failed: {err}")
             _save_rows(out, rows, errors)
@@ -184,24 +196,24 @@ def plot_results(summary: pd.DataFrame, metric: str = 'linear_top1', ax=None, fl
 
 # %% ../nbs/50_compare.ipynb #5bffdaa2
 @call_parse
-def fgssl_compare(grid: Param(f"which comparison: {', '.join(GRIDS)} (default: system1, or the --protocol's)", str) = None,
-                  protocol: Param(f"a named preset of grid and settings: {', '.join(PRESETS)} (lcr: grid lcr, ImageNet EfficientNet-Lite0, 96 px, 5 epochs); options given here win", str) = None,
+def fgssl_compare(grid: Param(f"which comparison: {', '.join(GRIDS)} (default: system1, or the --preset's)", str) = None,
+                  preset: Param(f"a named preset of grid and settings: {', '.join(PRESETS)} (lcr: grid lcr, ImageNet EfficientNet-Lite0, 96 px, batch 64, 5 epochs; --arch, --size, --bs, --epochs given here win; it always starts from ImageNet: for lcr from scratch use --grid lcr)", str) = None,
                   data: Param("data folder, or 'default' for the built-in toy birds", str) = 'default',
                   seeds: Param("seeds to run", int, nargs='+') = (0,),
                   arch: Param("encoder of every entry: resnet18, resnet50, efficientnet_lite0, or a timm name (default resnet18)", str) = None,
                   pretrained: Param("start every entry from ImageNet weights (offline: efficientnet_lite0 only)", store_true) = False,
                   epochs: Param("pretraining epochs per entry (default 10)", int) = None,
                   size: Param("image size in px (default 64)", int) = None,
-                  bs: Param("batch size (default 64); the entries' learning rates follow it", int) = None,
+                  bs: Param("batch size (default 64); the SSL entries' learning rates follow it (the supervised/srgan/pmg trainers keep theirs)", int) = None,
                   precision: Param("auto, fp32, bf16", str) = 'auto',
-                  out: Param("folder for the runs, results.csv and results.md (default runs/compare_<grid>[_<data>_<arch>])", str) = None,
+                  out: Param("folder for the runs, results.csv and results.md (default runs/compare_<grid>[_<data>_<arch>[_imagenet]]); a folder holding runs of other settings is refused", str) = None,
                   only: Param("run only these entries (names or folder names)", str, nargs='*') = None,
                   skip_bad: Param("leave unreadable images out of every entry instead of stopping (skipped.txt in each run folder)", store_true) = False):
     "Run a comparison grid (pretrain + evaluate each entry for each seed) and print its table."
     matplotlib.use('Agg')
-    if protocol is not None and protocol not in PRESETS: die(f"unknown protocol {protocol!r}; choose from {', '.join(PRESETS)}")
+    if preset is not None and preset not in PRESETS: die(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     given = dict(grid=grid, arch=arch, size=size, bs=bs, epochs=epochs, pretrained=pretrained or None)
-    s = {**RUN_DEFAULTS, 'grid': 'system1', **PRESETS.get(protocol, {}), **{k: v for k, v in given.items() if v is not None}}
+    s = {**RUN_DEFAULTS, 'grid': 'system1', **PRESETS.get(preset, {}), **{k: v for k, v in given.items() if v is not None}}
     grid, arch, pretrained, size, bs, epochs = (s[k] for k in ('grid', 'arch', 'pretrained', 'size', 'bs', 'epochs'))
     if grid not in GRIDS: die(f"unknown grid {grid!r}; choose from {', '.join(GRIDS)}")
     if epochs < 1: die(f"--epochs must be at least 1, got {epochs}")

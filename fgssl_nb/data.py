@@ -233,7 +233,7 @@ def cub_tables(path, boxes: bool | None = None) -> CubTables:
 def read_cub(path, crop_to_box: bool = False) -> FGDataset:
     "Read the CUB-200-2011 file layout at `path` (also the toy birds, flowers17 and cassava-style sets)."
     root = Path(path)
-    t = cub_tables(root, boxes=True if crop_to_box else None)
+    t = cub_tables(root, boxes=True if crop_to_box else False)
     if t.problems: raise AnnotationError(t.problems)
     _check_exist(t.items, root / 'images.txt')
     return FGDataset(t.items, t.labels, t.is_train, t.classes, 'cub', root, _unlabeled(root),

@@ -91,10 +91,11 @@ def extract_features(encoder: nn.Module, dl, device=None, norm: Callable | None 
 WD_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 def standardize(train_f: torch.Tensor, *others: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, ...]:
-    "`train_f` and `others` centred and scaled by the mean and std of `train_f`; a dim whose std is below `eps` times the largest std is only centred. Invariant to the features' overall scale."
+    "`train_f` and `others` centred and scaled by the mean and std of `train_f`; a dim whose std is below `eps` times the largest std (near constant) is scaled by the largest std instead. Invariant to the features' overall scale."
     mu, sd = train_f.mean(0), train_f.std(0, unbiased=False)
-    tol = eps * sd.max() if sd.numel() else 0.0  # relative: features of magnitude 1e-9 are as good as any others
-    sd = torch.where(sd > tol, sd, torch.ones_like(sd))
+    top = sd.max() if sd.numel() else torch.tensor(0.0)
+    top = torch.where(top > 0, top, torch.ones_like(top))  # every dim constant: only centred
+    sd = torch.where(sd > eps * top, sd, top)  # relative: features of magnitude 1e-9 are as good as any others
     return tuple((f - mu) / sd for f in (train_f, *others))
 
 @contextlib.contextmanager
@@ -149,17 +150,18 @@ def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Ten
                  wd: float | None = None, wd_grid: Sequence[float] = WD_GRID, val_frac: float = 0.2, seed: int = 0,
                  search_dtype: torch.dtype = torch.float32, **kwargs) -> dict:
     "Linear-probe top-1 on `test_*` of a logistic regression fit on `train_*`; `wd=None` picks it from `wd_grid` on held-out train."
+    kwargs.setdefault('dtype', torch.float64)  # the final fit's precision (the search runs in `search_dtype`)
     with _small_threads(train_f, 8):
         return _linear_probe(train_f, train_y, test_f, test_y, wd, wd_grid, val_frac, seed, search_dtype, **kwargs)
 
-def _search_wd(train_f, train_y, c, wd_grid, val_frac, seed, dtype, **kwargs):
+def _search_wd(train_f, train_y, c, wd_grid, val_frac, seed, search_dtype, dtype=None, **kwargs):
     "The weight decay of `wd_grid` with the best held-out accuracy (ties: held-out loss), the held-out accuracy of each, and the chosen fit."
     keep, out = stratified_split(train_y.cpu().numpy(), val_frac, seed)
     if len(out) == 0: raise ValueError("linear_probe: too few train features to hold some out for choosing wd; pass wd")
     keep, out = torch.as_tensor(keep, device=train_f.device), torch.as_tensor(out, device=train_f.device)
     val, scores, fits, prev = {}, {}, {}, None
     for w in sorted(wd_grid, reverse=True):  # strongest decay first: each solution starts the next, weaker one
-        prev, p = _probe(train_f[keep], train_y[keep], train_f[out], w, c, dtype=dtype, init=prev, **kwargs)
+        prev, p = _probe(train_f[keep], train_y[keep], train_f[out], w, c, dtype=search_dtype, init=prev, **kwargs)
         fits[w], val[w] = prev, (p.argmax(1) == train_y[out]).double().mean().item()
         scores[w] = (val[w], -F.nll_loss(p.double().clamp_min(1e-12).log(), train_y[out]).item())
     wd = max(wd_grid, key=lambda w: scores[w])

@@ -93,10 +93,11 @@ def supervised_learner(dls, arch: str = 'resnet18', pretrained: bool = False, si
 
 # %% ../nbs/16_supervised.ipynb #43dda7cd
 def _merge_metrics(path: Path, new: dict) -> dict:
-    "Update the JSON file `path` with `new` (other keys kept), atomically."
+    "Update the JSON file `path` with `new` (other keys kept), atomically (a failed write: one line, `WriteError`)."
+    from fgssl_nb.learner import atomic_write_text
     old = json.loads(path.read_text()) if path.exists() else {}
     old.update(new)
-    tmp = path.with_name(path.name + '.tmp'); tmp.write_text(json.dumps(old, indent=1)); os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(old, indent=1), hint='evaluate the run again (fgssl_eval)')
     return old
 
 def _check_labeled(ds, bs: int):

@@ -71,13 +71,27 @@ def test_second_check_decodes_nothing(tiny, tmp_path, monkeypatch):
     first = preflight(tmp_path / 'd', cache_dir=tmp_path / 'c')
     assert (first.n_decoded, len(calls)) == (70, 70)
     t0 = time.perf_counter(); second = preflight(tmp_path / 'd', cache_dir=tmp_path / 'c'); dt = time.perf_counter() - t0
-    assert (second.n_decoded, len(calls)) == (0, 70)           # no image decoded again
-    assert second.bad_images == first.bad_images               # and the cached failures are still reported
+    assert (second.n_decoded, len(calls)) == (2, 72)           # only the two bad images decoded again
+    assert second.bad_images == first.bad_images               # and still reported
     assert dt < first.seconds
     shutil.copy(tiny / 'images' / bad['train'].relative_to(tmp_path / 'd' / 'images'), bad['train'])  # repair one file
     third = preflight(tmp_path / 'd', cache_dir=tmp_path / 'c')
-    assert (third.n_decoded, calls[-1], list(third.bad_images)) == (1, bad['train'], [str(bad['test'])])
+    assert (third.n_decoded, list(third.bad_images)) == (2, [str(bad['test'])])  # the repaired one is good again
+    assert bad['train'] in calls[-2:]
     assert preflight(tmp_path / 'd', cache=False, cache_dir=tmp_path / 'c').n_decoded == 70
+
+
+def test_a_passing_failure_is_not_cached(tmp_path, monkeypatch):
+    "A read that failed for a passing reason (a permission fixed since, a disk hiccup) is tried again at the next check."
+    from PIL import Image
+    p = tmp_path / 'a.jpg'; Image.new('RGB', (32, 32)).save(p)
+    real = fgdata.image_problem
+    monkeypatch.setattr(fgdata, 'image_problem', lambda *a: 'Permission denied')
+    assert check_images([(p, None, 0)], cache=tmp_path / 'c.json') == ({str(p): 'Permission denied'}, 1)
+    monkeypatch.setattr(fgdata, 'image_problem', real)
+    assert check_images([(p, None, 0)], cache=tmp_path / 'c.json') == ({}, 1)   # decoded again: good now
+    assert check_images([(p, None, 0)], cache=tmp_path / 'c.json') == ({}, 0)   # and cached as good
+    assert check_images([(p, None, 0)], cache=tmp_path / 'c.json', refresh=True) == ({}, 1)  # --no_cache decodes anew
 
 
 def test_stale_cache_entry_is_not_trusted(tmp_path):
