@@ -5,11 +5,12 @@
 # %% ../nbs/01_augment.ipynb #bacfaf1c
 from __future__ import annotations
 import math, time, warnings
-warnings.filterwarnings('ignore', message=r'.*torch\.jit\.script.*is deprecated', category=FutureWarning)
 from typing import Callable, Sequence
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
-import kornia.enhance as KE, kornia.color as KC, kornia.filters as KF
+with warnings.catch_warnings():  # kornia's import-time torch.jit deprecation notice, silenced for the import only
+    warnings.filterwarnings('ignore', message=r'.*torch\.jit\.script.*is deprecated', category=FutureWarning)
+    import kornia.enhance as KE, kornia.color as KC, kornia.filters as KF
 from .data import normalize
 
 # %% auto #0
@@ -206,6 +207,7 @@ class RandGaussianBlur(ViewTfm):
 # %% ../nbs/01_augment.ipynb #c467c2bc
 class ViewPipeline(nn.Module):
     "A named list of `ViewTfm`s; `pipeline(x)` returns one view batch of `x` (B, 3, H, W) in [0, 1], normalised."
+    local = False  # a local (small) view of multi-crop: see `get_views(n_local=...)`
     def __init__(self, tfms: Sequence[nn.Module], name: str = 'views', norm: bool = True):
         super().__init__()
         self.tfms, self.name, self.norm = nn.ModuleList(tfms), name, norm
@@ -222,7 +224,7 @@ class ViewPipeline(nn.Module):
         for t in self.tfms: x = t(x, generator)
         return normalize(x) if self.norm else x
 
-    def extra_repr(self) -> str: return f"name={self.name!r}, norm={self.norm}"
+    def extra_repr(self) -> str: return f"name={self.name!r}, norm={self.norm}" + (", local" if self.local else '')
 
 # %% ../nbs/01_augment.ipynb #2ca2d246
 def _recipe(name, size, scale, jitter, jitter_p, gray_p, blur_p, solarize_p=0.0, flip_p=0.5, hue_fn='fast'):
@@ -260,13 +262,25 @@ def hue_views(size: int = 64, scale: tuple = (0.25, 1.0), jitter: tuple = (0.8, 
 
 VIEWS: dict[str, Callable] = dict(simclr=simclr_views, moco=moco_views, simsiam=simsiam_views, byol=byol_views, hue=hue_views)
 
-def get_views(name: str, size: int = 64, n: int = 2, **kwargs) -> list[ViewPipeline]:
-    "One pipeline per view (`n` views) of recipe `name` in `VIEWS`, for a CLI's `--views`; a single recipe is repeated."
+def get_views(name: str, size: int = 64, n: int = 2, n_local: int = 0, local_size: int | None = None,
+              local_scale: tuple = (0.05, 0.4), **kwargs) -> list[ViewPipeline]:
+    """One pipeline per view: `n` global views of recipe `name` in `VIEWS` at `size` (a single recipe is repeated, a
+    pair alternates), then `n_local` local views (multi-crop): the same recipe at `local_size` (default: half of
+    `size`) on crops of `local_scale` of the image, marked `local=True`."""
     if name not in VIEWS: raise ValueError(f"unknown views {name!r}; choose from {', '.join(VIEWS)}")
     if n < 1: raise ValueError(f"n must be >= 1, got {n}")
-    p = VIEWS[name](size, **kwargs)
-    ps = list(p) if isinstance(p, (tuple, list)) else [p]
-    return [ps[i % len(ps)] for i in range(n)]
+    if n_local < 0: raise ValueError(f"n_local must be >= 0, got {n_local}")
+    as_list = lambda p: list(p) if isinstance(p, (tuple, list)) else [p]
+    ps = as_list(VIEWS[name](size, **kwargs))
+    out = [ps[i % len(ps)] for i in range(n)]
+    if n_local:
+        ls = local_size or size // 2
+        if not 0 < ls < size: raise ValueError(f"local_size must lie between 1 and size - 1 ({size - 1}), got {ls}")
+        try: lps = as_list(VIEWS[name](ls, scale=tuple(local_scale), **kwargs))
+        except TypeError as e: raise ValueError(f"views {name!r} cannot make local views: its recipe takes no crop scale") from e
+        for p in lps: p.local, p.name = True, f"{p.name}-local"
+        out += [lps[i % len(lps)] for i in range(n_local)]
+    return out
 
 def make_views(x: Tensor, pipelines: ViewPipeline | Sequence[ViewPipeline], n: int = 2,
                generator: torch.Generator | None = None) -> list[Tensor]:
@@ -467,15 +481,15 @@ class RandPatchSwap(ViewTfm):
     def extra_repr(self) -> str: return f"frac={self.frac}, p={self.p}"
 
 # %% ../nbs/01_augment.ipynb #h13c59dc
-def local_tile_perms(B: int, n: int, k: float = 2, generator: torch.Generator | None = None) -> Tensor:
+def local_tile_perms(B: int, n: int, radius: float = 2, generator: torch.Generator | None = None) -> Tensor:
     "DCL region confusion: (B, n*n) tile permutations moving each tile at most 2k-1 cells per axis (rows, then columns)."
     if not isinstance(n, int) or n < 1: raise ValueError(f"grid size n must be a positive int, got {n!r}")
-    if k < 0: raise ValueError(f"neighbourhood k must be >= 0, got {k}")
+    if radius < 0: raise ValueError(f"neighbourhood radius must be >= 0, got {radius}")
     i = torch.arange(n, dtype=torch.float64)
     # row pass: a[b, r, c] = the column (in row r) of the tile that goes to column c
-    a = (i + _uniform(B * n * n, -k, k, generator=generator).view(B, n, n).double()).argsort(dim=-1, stable=True)
+    a = (i + _uniform(B * n * n, -radius, radius, generator=generator).view(B, n, n).double()).argsort(dim=-1, stable=True)
     # column pass on the result: t[b, c, r] = the row (in column c) of the tile that goes to row r
-    t = (i + _uniform(B * n * n, -k, k, generator=generator).view(B, n, n).double()).argsort(dim=-1, stable=True)
+    t = (i + _uniform(B * n * n, -radius, radius, generator=generator).view(B, n, n).double()).argsort(dim=-1, stable=True)
     src_r = t.transpose(1, 2)              # [b, r, c]
     src_c = a.gather(1, src_r)             # the row pass's column of the tile now at (src_r, c)
     return (src_r * n + src_c).reshape(B, n * n)
@@ -499,18 +513,18 @@ class RandJigsaw(ViewTfm):
     def extra_repr(self) -> str: return f"n={self.n}, p={self.p}"
 
 class LocalJigsaw(RandJigsaw):
-    "DCL region confusion on an n x n grid: tiles shuffled within a neighbourhood `k` along rows, then columns."
-    def __init__(self, n: int = 7, k: float = 2, p: float = 1.0):
+    "DCL region confusion on an n x n grid: tiles shuffled within a neighbourhood `radius` along rows, then columns."
+    def __init__(self, n: int = 7, radius: float = 2, p: float = 1.0):
         super().__init__(n, p)
-        if k < 0: raise ValueError(f"neighbourhood k must be >= 0, got {k}")
-        self.k = k
+        if radius < 0: raise ValueError(f"neighbourhood radius must be >= 0, got {radius}")
+        self.radius = radius
 
     def sample(self, n: int, x: Tensor, generator: torch.Generator | None = None) -> dict:
         "One local tile permutation `perms` (n, n_tiles) per sample (`local_tile_perms`)."
         _check_grid(self.n, *x.shape[-2:])
-        return dict(perms=local_tile_perms(n, self.n, self.k, generator))
+        return dict(perms=local_tile_perms(n, self.n, self.radius, generator))
 
-    def extra_repr(self) -> str: return f"n={self.n}, k={self.k}, p={self.p}"
+    def extra_repr(self) -> str: return f"n={self.n}, radius={self.radius}, p={self.p}"
 
 # %% ../nbs/01_augment.ipynb #h102e74f
 def variant_views(variant: nn.Module, size: int = 64, name: str | None = None, **kwargs) -> tuple[ViewPipeline, ViewPipeline]:
@@ -537,9 +551,9 @@ def patchswap_views(size: int = 64, frac: tuple = (0.3, 0.5), p: float = 1.0, **
     "SimCLR pair whose second view has two patches swapped."
     return variant_views(RandPatchSwap(frac, p), size, 'patchswap', **kwargs)
 
-def dcl_views(size: int = 64, grid: int = 7, k: float = 2, p: float = 1.0, **kwargs) -> tuple[ViewPipeline, ViewPipeline]:
-    "SimCLR pair whose second view gets DCL's local jigsaw (`grid` x `grid` tiles, neighbourhood `k`)."
-    return variant_views(LocalJigsaw(grid, k, p), size, 'dcl', **kwargs)
+def dcl_views(size: int = 64, grid: int = 7, radius: float = 2, p: float = 1.0, **kwargs) -> tuple[ViewPipeline, ViewPipeline]:
+    "SimCLR pair whose second view gets DCL's local jigsaw (`grid` x `grid` tiles, neighbourhood `radius`)."
+    return variant_views(LocalJigsaw(grid, radius, p), size, 'dcl', **kwargs)
 
 def jigsaw_views(size: int = 64, grid: int = 4, p: float = 1.0, **kwargs) -> tuple[ViewPipeline, ViewPipeline]:
     "SimCLR pair whose second view gets a PMG random jigsaw (`grid` x `grid` tiles)."

@@ -11,17 +11,11 @@ from fastcore.script import call_parse, Param, store_true
 # torch, fastai and the data code are imported inside the functions: `fgssl_bench --help` answers at once
 
 # %% auto #0
-__all__ = ['STEP_PARTS', 'cpu_has_bf16', 'model_throughput', 'loader_throughput', 'bench_loader', 'format_rows',
+__all__ = ['STEP_PARTS', 'model_throughput', 'loader_throughput', 'bench_loader', 'format_rows', 'timed_fit',
            'plain_fp32_throughput', 'bench_methods', 'fgssl_bench', 'step_parts', 'bare_parts', 'bench_parts',
            'bench_eval', 'bench_fp32']
 
 # %% ../nbs/90_bench.ipynb #b09c470f
-def cpu_has_bf16() -> bool:
-    "True when this CPU has native bf16 instructions (AVX512-BF16 or AMX), so bf16 autocast pays off."
-    try: flags = Path('/proc/cpuinfo').read_text()
-    except OSError: return False
-    return any(f in flags for f in ('avx512_bf16', 'amx_bf16'))
-
 def _sync(device):
     import torch
     if device.type == 'cuda': torch.cuda.synchronize()
@@ -29,6 +23,7 @@ def _sync(device):
 def _bare_resnet(size: int, bs: int, fast: bool, device=None):
     "A torchvision ResNet-18, a ready batch, its SGD, and whether bf16 autocast applies (`fast`: also channels_last)."
     import torch
+    from fgssl_nb.precision import cpu_has_bf16
     from torchvision.models import resnet18
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     m = resnet18(num_classes=128).to(device)
@@ -87,7 +82,7 @@ def format_rows(rows: list[dict]) -> str:
     return '\n'.join(lines)
 
 # %% ../nbs/90_bench.ipynb #5ca4f2ea
-def _timed_fit(learn, n_batches: int, skip: int = 2) -> float:
+def timed_fit(learn, n_batches: int, skip: int = 2) -> float:
     "Source images/s of `learn` over `n_batches` training batches (after `skip`), validation excluded."
     from fastai.callback.core import Callback
     from fastai.learner import CancelFitException
@@ -112,7 +107,7 @@ def _clear_cache(dls):
 def _without_views(learn):
     "`learn` with its view pipelines replaced by normalisation only: what it costs without making views."
     from fgssl_nb.augment import ViewPipeline
-    learn.ssl_cb.pipelines = [ViewPipeline([], name='none') for _ in learn.ssl_cb.pipelines]
+    learn.run_state.method_cb.pipelines = [ViewPipeline([], name='none') for _ in learn.run_state.method_cb.pipelines]
     return learn
 
 def plain_fp32_throughput(data='default', size: int = 64, bs: int = 64, n_batches: int = 8, workers: int = 2) -> float:
@@ -143,7 +138,7 @@ def plain_fp32_throughput(data='default', size: int = 64, bs: int = 64, n_batche
         if k >= 2: n += bs
     return n / (time.perf_counter() - t0)
 
-def bench_methods(methods=('simclr', 'moco', 'simsiam', 'byol'), data='default', size: int = 64, bs: int = 64,
+def bench_methods(methods=None, data='default', size: int = 64, bs: int = 64,
                   n_batches: int = 8, workers: int | None = None, skip: int = 3, steady: bool = True,
                   rounds: int = 3) -> list[dict]:
     """Training images/s per method (fast path and exact fp32) against the bare backbone and a plain fp32 pipeline.
@@ -153,7 +148,10 @@ def bench_methods(methods=('simclr', 'moco', 'simsiam', 'byol'), data='default',
     method and the method without views back to back; images/s are the best of `rounds`, ratios the median of the
     rounds' ratios. The fp32 figures are measured once."""
     from fgssl_nb.data import read_dataset, ssl_dls
-    from fgssl_nb.learner import ssl_learner, resolve_precision
+    from fgssl_nb.learner import ssl_learner
+    from fgssl_nb.registry import method_names
+    methods = list(methods or method_names('ssl'))  # default: every registered SSL method
+    from fgssl_nb.precision import resolve_precision
     ds = read_dataset(data)
     dls = ssl_dls(ds, size=size, bs=bs, valid_pct=0.02, num_workers=workers)
     if skip + n_batches > len(dls.train):
@@ -162,7 +160,7 @@ def bench_methods(methods=('simclr', 'moco', 'simsiam', 'byol'), data='default',
     if steady:
         for _ in dls.train: pass  # what the first epoch does: fill the decoded-image cache (a no-op for an uncached pool)
     fast = resolve_precision('auto', dls.device)
-    timed = _timed_fit if steady else (lambda learn, *a: (_clear_cache(dls), _timed_fit(learn, *a))[1])  # always decode anew
+    timed = timed_fit if steady else (lambda learn, *a: (_clear_cache(dls), timed_fit(learn, *a))[1])  # always decode anew
     learners = {m: ssl_learner(dls, m, precision="auto") for m in methods}
     no_views = {m: _without_views(ssl_learner(dls, m, precision="auto")) for m in methods}
     t = {(k, m): [] for m in methods for k in ('bare', 'train', 'nv', 'plain')}
@@ -201,6 +199,7 @@ def fgssl_bench(what: Param("what to measure: 'loader' (ssl_dls vs ResNet-18 tra
                 rounds: Param("methods: interleaved rounds; images/s are the best round, ratios the median", int) = 3):
     "Print throughput benchmarks of this machine."
     import torch
+    from fgssl_nb.precision import cpu_has_bf16
     if what not in ('loader', 'methods', 'parts', 'eval', 'fp32'): raise SystemExit(f"fgssl_bench: unknown benchmark {what!r}; available: loader, methods, parts, eval, fp32")
     if batches < 1 or rounds < 1: raise SystemExit(f"fgssl_bench: --batches and --rounds must be at least 1, got {batches} and {rounds}")
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -288,11 +287,14 @@ def bare_parts(size: int = 64, bs: int = 128, fast: bool = True, n: int = 16, de
             for part, a, b in (('forward', t0, t1), ('backward', t1, t2), ('step', t2, t3)): best[part] = min(best[part], 1e3 * (b - a))
     return best
 
-def bench_parts(methods=('simclr', 'moco', 'simsiam', 'byol'), data='default', size: int = 64, bs: int = 64,
+def bench_parts(methods=None, data='default', size: int = 64, bs: int = 64,
                 n_batches: int = 16, workers: int | None = None) -> list[dict]:
     "Per method, the fastest ms of each step part, next to the bare backbone's (two views' worth), and the overhead."
     from fgssl_nb.data import read_dataset, ssl_dls
-    from fgssl_nb.learner import ssl_learner, resolve_precision
+    from fgssl_nb.learner import ssl_learner
+    from fgssl_nb.registry import method_names
+    methods = list(methods or method_names('ssl'))  # default: every registered SSL method
+    from fgssl_nb.precision import resolve_precision
     dls = ssl_dls(read_dataset(data), size=size, bs=bs, valid_pct=0.02, num_workers=workers)
     for _ in dls.train: pass  # steady state: the decoded-image cache is full
     fast = resolve_precision('auto', dls.device) != 'fp32'
@@ -361,8 +363,8 @@ def bench_fp32(data='default', size: int = 64, n_batches: int = 8, rounds: int =
         if '1 thread' in name: torch.set_num_threads(1)
         try:
             learn = learner(bs, **kw)
-            t0 = time.perf_counter(); _timed_fit(learn, 1, 0); first = time.perf_counter() - t0  # includes compiling
-            ips = max(_timed_fit(learn, n_batches, 2) for _ in range(rounds))
+            t0 = time.perf_counter(); timed_fit(learn, 1, 0); first = time.perf_counter() - t0  # includes compiling
+            ips = max(timed_fit(learn, n_batches, 2) for _ in range(rounds))
         finally: torch.set_num_threads(threads)
         rows.append(dict(lever=name, bs=bs, images_s=round(ips, 1), first_batch_s=round(first, 1)))
     base = rows[0]['images_s']

@@ -5,11 +5,13 @@
 # %% ../nbs/13_byol.ipynb #edf9dda0
 from __future__ import annotations
 import torch, torch.nn as nn, torch.nn.functional as F
-from .learner import SSLCallback, register_method, fast_adam
+from .learner import SSLMethod
+from .registry import register_method
+from .optim import fast_adam
 from .models import SSLModel, mlp, Encoder, cosine_momentum
 
 # %% auto #0
-__all__ = ['byol_loss', 'BYOL']
+__all__ = ['byol_loss', 'multicrop_byol_loss', 'BYOL']
 
 # %% ../nbs/13_byol.ipynb #950788ba
 def byol_loss(q1, q2, z1, z2) -> torch.Tensor:
@@ -17,26 +19,29 @@ def byol_loss(q1, q2, z1, z2) -> torch.Tensor:
     f = lambda q, z: 2 - 2 * F.cosine_similarity(q.float(), z.detach().float(), dim=1)
     return (f(q1, z2) + f(q2, z1)).mean()
 
+# %% ../nbs/13_byol.ipynb #1c988419
+def multicrop_byol_loss(qs: list[torch.Tensor], zs: list[torch.Tensor], pairs: list[tuple[int, int]]) -> torch.Tensor:
+    "2 x the mean of 2 - 2 cos(q_j, z_i) over the view `pairs` (i, j), `zs` the target projections of the global views."
+    i, j = zip(*pairs)
+    q, z = torch.stack([qs[k] for k in j]).float(), torch.stack([zs[k] for k in i]).float()
+    return 2 * (2 - 2 * F.cosine_similarity(q, z.detach(), dim=-1)).mean()
+
 # %% ../nbs/13_byol.ipynb #6ce36410
 @register_method
-class BYOL(SSLCallback):
+class BYOL(SSLMethod):
     "BYOL: online projector + predictor, EMA target network with a cosine momentum schedule."
     name, lr, wd, opt_func = 'byol', 1e-3, 1e-6, fast_adam
-    model_args = ('proj_hidden', 'proj_dim')
-    def __init__(self, views, momentum: float = 0.99, **kwargs):
-        super().__init__(views, **kwargs); self.base_momentum = momentum
+    view_recipe, multicrop, model_args = 'byol', True, ('proj_hidden', 'proj_dim')
+    def __init__(self, pipelines, momentum: float = 0.99, **kwargs):
+        super().__init__(pipelines, **kwargs); self.base_momentum = momentum
     @classmethod
     def make_model(cls, encoder: Encoder, dls=None, proj_hidden: int = 1024, proj_dim: int = 256) -> SSLModel:
         return SSLModel(encoder, mlp(encoder.num_features, proj_hidden, proj_dim), mlp(proj_dim, proj_hidden, proj_dim), momentum=True)
-    @classmethod
-    def default_views(cls, size: int, views: str | None = None) -> list:
-        from fgssl_nb.augment import get_views
-        return get_views(views or 'byol', size)
     def loss(self, pred, *yb):
         m = self.learn.model
-        q1, q2 = m.predictor(pred).chunk(2)
-        with torch.no_grad(): z1, z2 = m.target(torch.cat(self.views)).chunk(2)
-        return byol_loss(q1, q2, z1, z2)
+        qs = self.chunks(m.predictor(pred))
+        with torch.no_grad(): zs = self.chunks(m.target(self.learn.xb[0]))  # the target sees the global views only
+        return multicrop_byol_loss(qs, zs, self.view_pairs())
     def after_step(self):
         # pct_train is restored from the epoch on resume, so the schedule continues exactly
         total = self.n_epoch * len(self.dls.train)

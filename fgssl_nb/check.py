@@ -167,7 +167,7 @@ def run_info(ds, bad_images: dict) -> dict:
 
 def write_skipped(out_dir, report: PreflightReport, info: dict) -> Path:
     "`out_dir/skipped.txt`: a header with the counts, then one `split<TAB>path<TAB>problem` line per image left out."
-    from fgssl_nb.learner import atomic_write_text
+    from fgssl_nb.runs import atomic_write_text
     head = [f"# {info['skipped_images']} unreadable image(s) of {report.root} left out by --skip_bad ({info['skipped_train']} train, "
             f"{info['skipped_test']} test, {info['skipped_unlabeled']} unlabeled); the run uses {info['n_train']} train / "
             f"{info['n_test']} test / {info['n_unlabeled']} unlabeled images", "# split\tpath\tproblem"]

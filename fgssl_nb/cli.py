@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import matplotlib
 from fastcore.script import call_parse, Param, store_true
+from .registry import method_names  # reads fgssl_nb/methods.txt: no method is imported
 # torch and fastai (through fgssl_nb.data) are imported inside the functions: every `--help` answers at once
 
 # %% auto #0
@@ -25,7 +26,7 @@ def _user_errors() -> tuple:
     "Exceptions whose message is written for the user: shown as one line, no traceback."
     from fgssl_nb.data import ImageError
     from fgssl_nb.models import WeightsUnavailable
-    from fgssl_nb.learner import WriteError
+    from fgssl_nb.runs import WriteError
     return (FileNotFoundError, NotADirectoryError, FileExistsError, ValueError, ImageError, FloatingPointError,
             WeightsUnavailable, ImportError, WriteError)
 
@@ -40,7 +41,7 @@ def save_batch_grid(dls, fname, max_n: int = 16, nrows: int = 2, title: str | No
 def data_summary(ds, out: Path, size: int = 64, bs: int = 16) -> dict:
     "Print `ds`'s summary, save labelled/SSL batch grids and `data_summary.json` into `out`."
     from fgssl_nb.data import labeled_dls, ssl_dls
-    from fgssl_nb.learner import atomic_write_text
+    from fgssl_nb.runs import atomic_write_text
     out.mkdir(parents=True, exist_ok=True)
     print(ds.summary())
     save_batch_grid(labeled_dls(ds, size, bs, num_workers=0), out / 'batch_labeled.png', title='labelled batch (train split)')
@@ -88,7 +89,8 @@ def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18',
     first (`check_for_run`): `skip_bad` leaves unreadable images out; `keep_optimizer=False` (SSL methods) drops the optimiser
     state from the final `checkpoint.pth`."""
     from fastai.torch_core import set_seed
-    from fgssl_nb.learner import ssl_learner, pretrain, get_method, TRAINERS
+    from fgssl_nb.learner import ssl_learner, pretrain
+    from fgssl_nb.registry import get_method, is_trainer
     from fgssl_nb.data import labeled_dls, ssl_dls
     from fgssl_nb.check import check_for_run
     get_method(method)  # fail early on a typo
@@ -108,10 +110,10 @@ def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18',
     config = dict(method=method, data=str(data), arch=arch, pretrained=pretrained, size=size, bs=bs, seed=seed, views=views,
                   precision_asked=precision, workers=workers, method_kwargs=method_kwargs, skip_bad=skip_bad, data_check=data_info,
                   keep_optimizer=keep_optimizer)
-    if method in TRAINERS:  # a GAN or a supervised baseline: its own Learner, the same run folder
+    if is_trainer(method):  # a GAN or a supervised baseline: its own Learner, the same run folder
         print(f"training {method} ({arch}{', ImageNet init' if pretrained else ''}, {size}px, batch {bs}) for {epochs} epochs -> {out}")
         if not keep_optimizer: print(f"note: --drop_optimizer is for the SSL methods; {method}'s checkpoint.pth keeps its optimiser state")
-        return TRAINERS[method](ds, out, arch=arch, pretrained=pretrained, size=size, bs=bs, epochs=epochs, lr=lr, seed=seed,
+        return get_method(method)(ds, out, arch=arch, pretrained=pretrained, size=size, bs=bs, epochs=epochs, lr=lr, seed=seed,
                                 resume=resume, precision=precision, workers=workers, progress=progress, config=config,
                                 views=views, **method_kwargs)
     cls = get_method(method)
@@ -123,7 +125,7 @@ def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18',
     learn = ssl_learner(dls, method, arch=arch, pretrained=pretrained, views=views, precision=precision,
                         knn_dls=kdls, run_dir=out, **method_kwargs)
     config['n_pretext'] = len(dls.train.dataset)
-    print(f"pretraining {method} ({arch}{', ImageNet init' if pretrained else ''}, {size}px, batch {bs}, lr {lr:.3g}, {learn.precision}) "
+    print(f"pretraining {method} ({arch}{', ImageNet init' if pretrained else ''}, {size}px, batch {bs}, lr {lr:.3g}, {learn.run_state.precision}) "
           f"on {len(dls.train.dataset)} images for {epochs} epochs -> {out}")
     return pretrain(learn, epochs, lr=lr, run_dir=out, resume=resume, config=config, progress=progress,
                     keep_optimizer=keep_optimizer)
@@ -139,18 +141,19 @@ def parse_kw(pairs) -> dict:
         except (ValueError, SyntaxError): out[k] = v  # a plain word: keep it as a string
     return out
 
-def _method_kwargs(criterion=None, alpha=None, nu=None, k=None, kw=None) -> dict:
+def _method_kwargs(criterion=None, alpha=None, nu=None, n_dims=None, kw=None) -> dict:
     "The method options given on the command line (absent ones keep the method's defaults)."
-    d = {n: v for n, v in dict(criterion=criterion, alpha=alpha, nu=nu, k=k).items() if v is not None}
+    k = n_dims
+    d = {n: v for n, v in dict(criterion=criterion, alpha=alpha, nu=nu, n_dims=k).items() if v is not None}
     if criterion is not None and criterion not in ('variance', 'gradcam', 'both'):
         raise ValueError(f"--criterion must be variance, gradcam or both, got {criterion!r}")
-    if isinstance(k, float) and not (0 < k < 1) and k != int(k): raise ValueError(f"--k must be a count or a fraction in (0, 1), got {k}")
-    if k is not None and float(k) == int(k) and k >= 1: d['k'] = int(k)
+    if isinstance(k, float) and not (0 < k < 1) and k != int(k): raise ValueError(f"--n_dims must be a count or a fraction in (0, 1), got {k}")
+    if k is not None and float(k) == int(k) and k >= 1: d['n_dims'] = int(k)
     return {**d, **parse_kw(kw)}
 
 @call_parse
-def fgssl_pretrain(method: Param("SSL method: simclr, moco, simsiam, byol, jigsaw, synth-moco, synth-simsiam; "
-                                 "trainers: srgan, supervised, pmg (see fgssl_nb.learner.method_names())", str) = 'simclr',
+def fgssl_pretrain(method: Param(f"SSL method: {', '.join(method_names('ssl'))}; trainers: {', '.join(method_names('trainer'))} "
+                                 "(the list: fgssl_nb/methods.txt)", str) = 'simclr',
                    data: Param("data folder (CUB, Aircraft, Cars, Flowers-102 or class folders), or 'default' (toy birds)", str) = 'default',
                    arch: Param("encoder: resnet18, resnet50, efficientnet_lite0, or a timm name", str) = 'resnet18',
                    pretrained: Param("start from ImageNet weights (offline: efficientnet_lite0 only)", store_true) = False,
@@ -170,12 +173,16 @@ def fgssl_pretrain(method: Param("SSL method: simclr, moco, simsiam, byol, jigsa
                    criterion: Param("synth-*: non-discriminative dims by variance, gradcam or both", str) = None,
                    alpha: Param("synth-*: weight of the reconstruction loss L_R", float) = None,
                    nu: Param("synth-*: weight of the synthesized-pair loss L_Cp", float) = None,
-                   k: Param("synth-*: number (>= 1) or fraction (< 1) of feature dims perturbed", float) = None,
+                   n_dims: Param("synth-*: number (>= 1) or fraction (< 1) of feature dims perturbed", float) = None,
+                   k: Param("old name of --n_dims", float) = None,
+                   local_views: Param("multi-crop: this many local views at half the size, besides the 2 global ones (methods with multicrop: "
+                                      "see fgssl_nb.learner.SSLMethod)", int) = 0,
                    kw: Param("more method options as key=value, e.g. --kw n_blocks=4 dropout=0.5", str, nargs='*') = None):
     "Pretrain an encoder with a self-supervised method (or a baseline trainer); writes a run folder."
     _check_train_args(size, bs, epochs)
     try: pretrain_run(method, data, arch, pretrained, size, bs, epochs, lr, seed, out, resume, views, precision, workers,
-                      not no_knn, skip_bad=skip_bad, keep_optimizer=not drop_optimizer, **_method_kwargs(criterion, alpha, nu, k, kw))
+                      not no_knn, skip_bad=skip_bad, keep_optimizer=not drop_optimizer,
+                      **_method_kwargs(criterion, alpha, nu, n_dims if n_dims is not None else k, kw), **({'local_views': local_views} if local_views else {}))
     except _user_errors() as e: die(str(e))
 
 # %% ../nbs/40_cli.ipynb #d87b3646
@@ -183,7 +190,7 @@ EVAL_PROTOCOLS = ('linear', 'knn', 'retrieval', 'finetune', 'label_efficiency', 
 
 def _merge_json(f: Path, new: dict) -> dict:
     "Update the JSON object in `f` with `new`, through a temporary file and a rename (a failed write keeps the old file)."
-    from fgssl_nb.learner import atomic_write_text
+    from fgssl_nb.runs import atomic_write_text
     old = json.loads(f.read_text()) if f.exists() else {}
     old.update(new); atomic_write_text(f, json.dumps(old, indent=1), hint='run the evaluation again'); return old
 
@@ -204,7 +211,7 @@ def evaluate_run(run_dir=None, data=None, protocols=('linear', 'knn', 'retrieval
     import torch
     from fastai.torch_core import set_seed
     from fgssl_nb.check import check_for_run
-    from fgssl_nb.learner import load_encoder
+    from fgssl_nb.runs import load_encoder
     from fgssl_nb.models import create_encoder
     from fgssl_nb.evaluate import evaluate_encoder
     if encoder is None:
@@ -280,7 +287,8 @@ def results_table(rows: list[dict]) -> str:
 def demo_views(data, method: str, views: str | None = 'auto') -> str | None:
     "`views='auto'`: `hue` views for a view-based method on the built-in toy birds (colour is random there), else the method's own."
     if views != 'auto': return views
-    return 'hue' if str(data) == 'default' and method in ('simclr', 'moco', 'simsiam', 'byol') else None
+    from fgssl_nb.registry import get_method, is_trainer
+    return 'hue' if str(data) == 'default' and not is_trainer(method) and get_method(method).takes_views() else None
 
 def demo(data='default', out='runs/demo', method: str = 'simclr', epochs: int = 20, size: int = 64, bs: int = 64,
          seed: int = 0, precision: str = 'auto', resume: bool = False, supervised: bool = True,
@@ -288,7 +296,7 @@ def demo(data='default', out='runs/demo', method: str = 'simclr', epochs: int = 
          skip_bad: bool = False) -> list[dict]:
     "The main job: data summary, pretrain `method`, evaluate it, a supervised reference and the floor (the encoder it started from), print the table."
     from fgssl_nb.check import check_for_run
-    from fgssl_nb.learner import atomic_write_text
+    from fgssl_nb.runs import atomic_write_text
     out = Path(out)
     ds, _ = check_for_run(data, out, skip_bad=skip_bad)  # all problems at once, before the first epoch
     data_summary(ds, out, size)
@@ -316,7 +324,7 @@ def demo(data='default', out='runs/demo', method: str = 'simclr', epochs: int = 
 @call_parse
 def fgssl_demo(data: Param("data folder, or 'default' for the built-in toy birds", str) = 'default',
                out: Param("folder for the outputs", str) = 'runs/demo',
-               method: Param("SSL method to pretrain: simclr, moco, simsiam, byol", str) = 'simclr',
+               method: Param(f"method to pretrain: {', '.join(method_names())}", str) = 'simclr',
                arch: Param("encoder: resnet18, resnet50, efficientnet_lite0, or a timm name", str) = 'resnet18',
                pretrained: Param("start from ImageNet weights (offline: efficientnet_lite0 only); the floor row is then the frozen ImageNet encoder", store_true) = False,
                views: Param("view recipe (see fgssl_pretrain --help); auto: hue views on the built-in toy birds, whose colours are random, else the method's own", str) = 'auto',

@@ -31,7 +31,7 @@ GRIDS: dict[str, list[dict]] = {
                 dict(name='srgan', method='srgan', lr=2e-3, bs=16, kw=dict(n_blocks=4, nf=32, d_nf=16, warmup=6),
                      protocols=('linear', 'knn', 'retrieval', 'head')),
                 dict(name='supervised', method='supervised'),
-                dict(name='pmg', method='pmg', lr=0.05, kw=dict(width=0.25))],  # from scratch: SGD lr 0.05, narrower heads for a CPU
+                dict(name='pmg', method='pmg', lr=0.005, kw=dict(width=0.25))],  # from scratch: SGD momentum 0.9 at lr 0.005, narrower heads for a CPU
     # System 2 (synthesized pairs): each base method with and without the synthesized-pair losses
     'system2': [dict(name='random init', encoder='random'),
                 dict(name='moco', method='moco'),
@@ -125,7 +125,7 @@ def run_grid(grid: str | list[dict], data='default', seeds=(0,), out='runs/compa
     """Run `grid` (a name in `GRIDS` or a list of entries) for `seeds`; rows in `out/results.csv`, returned as a DataFrame.
     The data are checked once first (`skip_bad`: leave unreadable images out); a full disk (`WriteError`) stops the grid."""
     from fgssl_nb.check import check_for_run
-    from fgssl_nb.learner import WriteError
+    from fgssl_nb.runs import WriteError
     if isinstance(grid, str) and grid not in GRIDS: raise ValueError(f"unknown grid {grid!r}; choose from {', '.join(GRIDS)}")
     entries = GRIDS[grid] if isinstance(grid, str) else grid
     if only: entries = [e for e in entries if {e['name'], slug(e['name']), resolve_entry(e, pretrained)['name'],
@@ -150,7 +150,7 @@ def run_grid(grid: str | list[dict], data='default', seeds=(0,), out='runs/compa
 
 def _save_rows(out: Path, rows: list[dict], errors: dict):
     "Merge `rows` into `out/results.csv`: rows of other entries/seeds (earlier, partial runs) are kept, same ones replaced."
-    from fgssl_nb.learner import atomic_write_text
+    from fgssl_nb.runs import atomic_write_text
     f, new = out / 'results.csv', pd.DataFrame(rows)
     if rows and f.exists() and f.stat().st_size:
         old = pd.read_csv(f)
@@ -223,7 +223,7 @@ def fgssl_compare(grid: Param(f"which comparison: {', '.join(GRIDS)} (default: s
     out = Path(out or f'runs/compare_{grid}{tag}')
     print(f"grid {grid}: {arch}{' from ImageNet' if pretrained else ' from scratch'}, {size}px, batch {bs}, {epochs} epochs, "
           f"seeds {list(seeds)} -> {out}", flush=True)
-    from fgssl_nb.learner import atomic_write_text
+    from fgssl_nb.runs import atomic_write_text
     try: df = run_grid(grid, data, tuple(seeds), out, epochs, size, bs, precision, only, arch=arch, pretrained=pretrained,
                        skip_bad=skip_bad)
     except _user_errors() as e: die(str(e))

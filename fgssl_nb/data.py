@@ -5,9 +5,6 @@
 # %% ../nbs/00_data.ipynb #594c01ba
 from __future__ import annotations
 import os, re, json, warnings
-# importing fastai prints two deprecation warnings of its dependencies (torch.jit, pandas) on every run
-warnings.filterwarnings('ignore', message=r'.*torch\.jit\.script.*is deprecated', category=FutureWarning)
-warnings.filterwarnings('ignore', message=r".*'mode\.chained_assignment' option is deprecated")
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections import Counter
@@ -15,8 +12,13 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from fastcore.basics import store_attr
 import torch
-from fastai.vision.all import (DataBlock, TransformBlock, CategoryBlock, PILImage, TensorImage, IndexSplitter, ToTensor,
-                               IntToFloatTensor, Transform, untar_data, URLs, default_device)
+# importing fastai prints two deprecation warnings of its dependencies (torch.jit, pandas): silenced for the import
+# only (a scoped filter: importing fgssl_nb leaves the warning filters as they were)
+with warnings.catch_warnings():
+    warnings.filterwarnings('ignore', message=r'.*torch\.jit\.script.*is deprecated', category=FutureWarning)
+    warnings.filterwarnings('ignore', message=r".*'mode\.chained_assignment' option is deprecated")
+    from fastai.vision.all import (DataBlock, TransformBlock, CategoryBlock, PILImage, TensorImage, IndexSplitter, ToTensor,
+                                   IntToFloatTensor, Transform, untar_data, URLs, default_device)
 from .toybirds import make_toybirds
 
 # %% auto #0

@@ -11,12 +11,14 @@ from typing import Sequence
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
-from fastai.optimizer import SGD
+from .optim import fast_sgd
 from fastai.learner import AvgMetric
 from fastai.callback.training import GradientClip
 from .data import normalize
 from .augment import ViewPipeline, ViewTfm, RandColorJitter
-from .learner import SSLCallback, EmbeddingStd, RunCheckpoint, register_method
+from .learner import SSLMethod, EmbeddingStd
+from .runs import RunCheckpoint
+from .registry import register_method
 from .models import Encoder
 
 # %% auto #0
@@ -200,13 +202,13 @@ def jigsaw_tile_views(jitter: tuple = (0.4, 0.4, 0.4, 0.1), jitter_p: float = 0.
     return ViewPipeline([RandColorJitter(*jitter, p=jitter_p)], 'jigsaw_tiles')
 
 @register_method
-class Jigsaw(SSLCallback):
+class Jigsaw(SSLMethod):
     "Jigsaw puzzles: which of `n_perms` permutations shuffled the `grid` x `grid` tiles; cross-entropy."
-    name, lr, wd, opt_func = 'jigsaw', 1e-2, 5e-4, partial(SGD, mom=0.9)
+    name, lr, wd, opt_func = 'jigsaw', 1e-2, 5e-4, partial(fast_sgd, mom=0.9)  # SGD with L2 decay, as the paper (Caffe)
     moms = (0.9, 0.9, 0.9)
     model_args = ('n_perms', 'grid', 'dropout', 'pool', 'perm_seed')
-    def __init__(self, views, tile_frac: float = 64 / 75, clip: float | None = 4.0, **kwargs):
-        super().__init__(views, **kwargs)
+    def __init__(self, pipelines, tile_frac: float = 64 / 75, clip: float | None = 4.0, **kwargs):
+        super().__init__(pipelines, **kwargs)
         if not 0 < tile_frac <= 1: raise ValueError(f"tile_frac must lie in (0, 1], got {tile_frac}")
         self.tile_frac, self.clip = tile_frac, clip
 
@@ -217,8 +219,9 @@ class Jigsaw(SSLCallback):
         return JigsawNet(encoder, permutation_set(n_perms, grid * grid, perm_seed), grid, dropout, pool)
 
     @classmethod
-    def default_views(cls, size: int, views: str | None = None) -> list:
+    def default_views(cls, size: int, views: str | None = None, local_views: int = 0, local_size: int | None = None) -> list:
         if views not in (None, 'jigsaw'): raise ValueError(f"jigsaw makes its own tiles (colour jitter per tile); it takes no views={views!r}")
+        if local_views: raise ValueError("jigsaw takes no local views (multi-crop); drop local_views (--local_views)")
         return [jigsaw_tile_views()]
 
     def extra_callbacks(self) -> list: return [GradientClip(self.clip)] if self.clip else []

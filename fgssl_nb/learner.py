@@ -4,46 +4,123 @@
 
 # %% ../nbs/03_learner.ipynb #2501ce38
 from __future__ import annotations
-import contextlib, errno, json, math, os, random, shutil, sys, time, warnings
+import contextlib, inspect, json, math, random, sys, weakref
 from pathlib import Path
-import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
-from .data import normalize  # first: it silences fastai's import-time deprecation noise
+import fgssl_nb.data  # first: it imports fastai with the import-time warnings of its dependencies silenced
 from fastai.learner import Learner, Metric, ValueMetric, CancelFitException
 from fastai.callback.core import Callback
-from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.channelslast import ChannelsLast
-from fastai.callback.progress import CSVLogger
 from fastai.callback.tracker import TerminateOnNaNCallback
-from fastai.optimizer import Adam, SGD, OptimWrapper
-from fastai.torch_core import set_seed
-from fastcore.foundation import L
-from .models import SSLModel, create_encoder, ssl_splitter, Encoder
-from .bench import cpu_has_bf16
+from fastai.torch_core import trainable_params
+from .models import create_encoder, ssl_splitter, Encoder
+from .precision import DeviceMixedPrecision, resolve_precision
+from .optim import fast_adam
+from .runs import (RunState, get_run_state, RunCheckpoint, RunCSVLogger, RESUME_HINT, atomic_write_text,
+                           resume_from_checkpoint, save_encoder, export_checkpoint)
+from .registry import get_method, is_trainer, method_options
 
 # %% auto #0
-__all__ = ['RESUME_HINT', 'FUSED_DEVICES', 'METHODS', 'TRAINERS', 'METHOD_MODULES', 'SSLCallback', 'DeviceMixedPrecision',
-           'resolve_precision', 'EmbeddingStd', 'KNNMonitor', 'NaNGuard', 'WriteError', 'write_error', 'atomic_save',
-           'atomic_write_text', 'append_line', 'RunCheckpoint', 'RunCSVLogger', 'resume_from_checkpoint', 'fast_adam',
-           'fast_sgd', 'register_method', 'register_trainer', 'get_method', 'method_options', 'method_names',
-           'ssl_learner', 'save_encoder', 'load_encoder', 'pretrain', 'export_checkpoint']
+__all__ = ['SSLMethod', 'EmbeddingStd', 'KNNMonitor', 'NaNGuard', 'build_learner', 'ssl_learner', 'pretrain']
 
 # %% ../nbs/03_learner.ipynb #d7a41021
-class SSLCallback(Callback):
-    "Base of the SSL methods: makes views before each batch and provides the loss. Subclasses set `loss`."
-    order, run_valid = 5, True
-    name = 'ssl'
-    moms = None  # one-cycle momentum range (fastai's default cycles 0.95-0.85-0.95); SGD methods fix it at 0.9
-    def __init__(self, views: list, valid_seed: int = 12345):
-        self.pipelines, self.valid_seed = list(views), valid_seed
+class SSLMethod(Callback):
+    """The contract of an SSL method: a fastai `Callback` that turns each batch of images into views, plus the loss.
+
+    To add a method, write a subclass in a notebook of its own, decorate it with `@register_method` (which checks it
+    against this contract and names everything missing in one error), and add its line `name module ssl` to
+    `fgssl_nb/methods.txt`: the CLI, the benchmarks, the comparison grids and the tests read that list.
+
+    Must define:
+    - `name` (str): the registry name, as in `fgssl_pretrain --method name`.
+    - `make_model(cls, encoder, dls=None, **model_options) -> nn.Module` (a classmethod): the network to train, with
+      `encoder` as its `.encoder` (what `pretrain` exports). `forward(*groups)` takes the view batches grouped by
+      image size and returns one block of `n_images` rows per view, in view order (`models.SSLModel` does this).
+    - `loss(self, pred, *yb) -> Tensor`: the scalar loss of `pred`, the model's output for the batch;
+      `self.chunks(pred)` splits it into one tensor per view. It runs on validation batches too (`self.training`
+      tells them apart; validation views come from a fixed seed).
+
+    May define (default in brackets):
+    - `lr` [1e-3]: the peak learning rate at batch `REF_BS` = 64; the CLI scales it with the batch size (linearly
+      for SGD methods, by the square root for Adam ones).
+    - `wd` [1e-5], `opt_func` [`fast_adam`; `fast_sgd` for SGD], `moms` [None: fastai's one-cycle 0.95-0.85-0.95].
+    - `view_recipe` ['simclr']: the `augment.VIEWS` recipe used when `views` is not given; `n_views` [2].
+    - `multicrop` [False]: True when `loss` handles local views (`ssl_learner(..., local_views=N)`); global views
+      come first in `view_batches` and in `chunks(pred)`; `view_pairs()` lists the (global, other) pairs.
+    - `model_args` [()]: the names of `make_model`'s options; all other options go to `__init__`.
+    - `wrapper_args` [()]: option names taken by a callback that `extra_callbacks` adds (see `synth.synth_method`).
+    - `__init__(self, pipelines, <option>=<default>, ..., **kwargs)`: the method's options with their defaults,
+      then `super().__init__(pipelines, **kwargs)`.
+    - `extra_callbacks(self) -> list` [[]]: more callbacks the method needs (gradient clipping, a wrapper's).
+    - `default_views(cls, size, views=None, local_views=0, local_size=None) -> list` [the recipe's pipelines]:
+      override only for inputs that are not a recipe's views (jigsaw makes tiles).
+    - any fastai event, e.g. `after_step` for an EMA update (`self.learn.model.update_target(m)`), or
+      `before_batch` to feed the model something else (call `super().before_batch()` first).
+
+    Per-term diagnostics: keep them as an attribute (e.g. `self.terms`, detached, from the last training batch).
+    Another callback reaches the method as `learn.run_state.method_cb`.
+
+    Attributes for other callbacks, valid from `before_batch` on:
+    - `view_batches`: the augmented, normalised view tensors of the batch, global views first.
+    - `n_images`: images in the batch; `n_global`: how many of the views are global (training size).
+    - `pipelines`: the `ViewPipeline`s, one per view.
+    """
+    order, run_valid = 5, True  # before MixedPrecision (10): views are made in float32
+    name: str = None
+    lr, wd, moms, opt_func = 1e-3, 1e-5, None, fast_adam
+    view_recipe, n_views, multicrop = 'simclr', 2, False
+    model_args, wrapper_args = (), ()
+
+    def __init__(self, pipelines: list, valid_seed: int = 12345):
+        self.pipelines, self.valid_seed = list(pipelines), valid_seed
+        self.n_global = sum(not getattr(p, 'local', False) for p in self.pipelines)
+        self.view_batches, self.n_images = [], 0
 
     # --- what a method defines
     @classmethod
-    def make_model(cls, encoder: Encoder, dls=None, **kwargs) -> SSLModel: raise NotImplementedError
+    def make_model(cls, encoder: Encoder, dls=None, **model_options) -> nn.Module: raise NotImplementedError
     def loss(self, pred: torch.Tensor, *yb) -> torch.Tensor: raise NotImplementedError
     def extra_callbacks(self) -> list:
         "More callbacks the method needs next to itself (a wrapper such as the synthesized pairs of `synth` adds one)."
         return []
+    @classmethod
+    def default_views(cls, size: int, views: str | None = None, local_views: int = 0, local_size: int | None = None) -> list:
+        "`n_views` global pipelines of recipe `views` (default: `view_recipe`) at `size`, then `local_views` local ones."
+        from fgssl_nb.augment import get_views
+        if local_views and not cls.multicrop:
+            raise ValueError(f"{cls.name} takes no local views (multi-crop); drop local_views (--local_views)")
+        return get_views(views or cls.view_recipe, size, n=cls.n_views, n_local=local_views, local_size=local_size)
+
+    @classmethod
+    def takes_views(cls) -> bool:
+        "True when the method's inputs are a recipe's views (`views` applies), False when it makes its own (jigsaw's tiles)."
+        return inspect.getattr_static(cls, 'default_views') is inspect.getattr_static(SSLMethod, 'default_views')
+
+    @classmethod
+    def check_contract(cls):
+        "Raise one `TypeError` naming everything `cls` lacks of the contract above (`register_method` calls this)."
+        probs = []
+        if not isinstance(cls.name, str) or not cls.name: probs.append("set `name` (a str: the registry name)")
+        if inspect.getattr_static(cls, 'make_model') is inspect.getattr_static(SSLMethod, 'make_model'):
+            probs.append("define the classmethod `make_model(cls, encoder, dls=None, **model_options)`")
+        elif not isinstance(inspect.getattr_static(cls, 'make_model'), classmethod): probs.append("make `make_model` a @classmethod")
+        else:
+            ps = inspect.signature(cls.make_model).parameters
+            bad = [a for a in cls.model_args if a not in ps]
+            if bad and not any(p.kind == p.VAR_KEYWORD for p in ps.values()):
+                probs.append(f"`model_args` names {', '.join(bad)}, which `make_model` does not take")
+        if cls.loss is SSLMethod.loss: probs.append("define `loss(self, pred, *yb)`")
+        if not callable(cls.opt_func): probs.append("`opt_func` must make an optimiser (fast_adam, fast_sgd, fastai's Adam/SGD)")
+        for a, lo in (('lr', 0), ('wd', None)):
+            v = getattr(cls, a)
+            if not isinstance(v, (int, float)) or v < 0 or v == lo: probs.append(f"`{a}` must be a number {'> 0' if lo == 0 else '>= 0'}, got {v!r}")
+        if cls.takes_views():
+            from fgssl_nb.augment import VIEWS
+            if cls.view_recipe not in VIEWS: probs.append(f"`view_recipe` {cls.view_recipe!r} is not a recipe of augment.VIEWS ({', '.join(VIEWS)})")
+        if list(inspect.signature(cls.__init__).parameters)[1:2] != ['pipelines']:
+            probs.append("`__init__` must take `pipelines` first, then the options, and call super().__init__(pipelines, **kwargs)")
+        if probs: raise TypeError(f"{cls.__name__} does not fulfil the SSLMethod contract: " + '; '.join(probs)
+                                  + " (the contract: help(fgssl_nb.learner.SSLMethod))")
 
     # --- shared machinery
     def before_fit(self):
@@ -52,43 +129,34 @@ class SSLCallback(Callback):
     def make_views(self, x: torch.Tensor) -> list[torch.Tensor]:
         "One augmented, normalised view batch per pipeline."
         return [p(x) for p in self.pipelines]
+    def group_views(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        "The model's inputs: runs of consecutive views of one image size, each concatenated into one batch."
+        groups = []
+        for v in views:
+            if groups and groups[-1][0].shape[-2:] == v.shape[-2:]: groups[-1].append(v)
+            else: groups.append([v])
+        xs = tuple(torch.cat(g) if len(g) > 1 else g[0] for g in groups)
+        return tuple(x.contiguous(memory_format=torch.channels_last) for x in xs) if self._cl else xs
     def before_batch(self):
         x = self.xb[0]
         with torch.autocast(x.device.type, enabled=False):
-            self.views = self.make_views(x.float())
-        xb = torch.cat(self.views)
-        if self._cl: xb = xb.contiguous(memory_format=torch.channels_last)
+            self.view_batches = self.make_views(x.float())
+        self.n_images = len(x)
         # fastai's Recorder skips batches without a target: a zero per image stands in for the absent label
-        self.learn.xb, self.learn.yb = (xb,), (torch.zeros(len(x), device=x.device),)
-    def chunks(self, pred: torch.Tensor) -> tuple:
-        "Split the model output back into one tensor per view."
-        return pred.chunk(len(self.views))
+        self.learn.xb, self.learn.yb = self.group_views(self.view_batches), (torch.zeros(len(x), device=x.device),)
+    def chunks(self, pred: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        "Split the model output back into one tensor per view (`n_images` rows each)."
+        return pred.split(self.n_images)
+    def view_pairs(self, ordered: bool = True) -> list[tuple[int, int]]:
+        "The view pairs a multi-crop loss compares: (i, j) with i a global view and j any other view; unordered: each pair once."
+        ps = [(i, j) for i in range(self.n_global) for j in range(len(self.pipelines)) if j != i]
+        return ps if ordered else [(i, j) for i, j in ps if j > i]
     def before_validate(self):
         devs = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         self._fork = torch.random.fork_rng(devices=devs); self._fork.__enter__()
         torch.manual_seed(self.valid_seed)
     def after_validate(self):
         if getattr(self, '_fork', None) is not None: self._fork.__exit__(None, None, None); self._fork = None
-
-# %% ../nbs/03_learner.ipynb #89dc6453
-class DeviceMixedPrecision(MixedPrecision):
-    "fastai `MixedPrecision` that autocasts on the data's device type (CPU bf16 included), not always CUDA."
-    def before_fit(self):
-        dev = self.dls.device.type if self.dls.device is not None else 'cpu'
-        dtype = torch.bfloat16 if str(self.amp_mode.value) == 'bf16' else torch.float16
-        if dev == 'cpu' and dtype == torch.float16: raise ValueError("fp16 autocast is for CUDA; use precision='bf16' on a CPU")
-        if dev == 'cuda' and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-            raise ValueError("this GPU has no bf16: use precision='fp16'")
-        self.autocast = torch.autocast(dev, dtype=dtype)
-        # bf16 has fp32's range: no loss scaling; fp16 on CUDA scales the loss
-        self.learn.scaler, self.scales = torch.amp.GradScaler(dev, enabled=dtype == torch.float16), L()
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    "'auto' -> 'bf16' where the device has fast bf16 (CUDA with bf16, CPU with AVX512-BF16/AMX), else 'fp32'."
-    if precision not in ('auto', 'fp32', 'bf16', 'fp16'): raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    if precision != 'auto': return precision
-    if device.type == 'cuda': return 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
-    return 'bf16' if cpu_has_bf16() else 'fp32'
 
 # %% ../nbs/03_learner.ipynb #60f182f6
 class EmbeddingStd(Metric):
@@ -125,305 +193,49 @@ class NaNGuard(TerminateOnNaNCallback):
     def after_batch(self): pass
     def after_loss(self):
         if self.training and not torch.isfinite(self.loss):
-            self.learn.nan_at = (self.epoch, self.iter)
+            get_run_state(self.learn).nan_at = (self.epoch, self.iter)
             raise CancelFitException
 
-# %% ../nbs/03_learner.ipynb #f9f9480d
-class WriteError(OSError):
-    "A run file could not be written (disk full, quota, read-only folder); the message is one line: file, space, what is intact."
-    def __init__(self, msg: str, errno: int | None = None):
-        super().__init__(msg)
-        self.msg, self.errno = msg, errno
-    def __str__(self): return self.msg  # fastai rewrites the `args` of an error raised in a callback: the message stays this line
-
-def _mb(n: int) -> str: return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n:,} bytes"
-
-def _os_error(e: BaseException | None) -> OSError | None:
-    "The `OSError` behind `e`: torch's zip writer reports a failed write as a RuntimeError whose context is the OSError."
-    for _ in range(10):
-        if e is None or isinstance(e, OSError): return e
-        e = e.__cause__ or e.__context__
-    return None
-
-def _is_write_failure(e: BaseException) -> bool:
-    return _os_error(e) is not None or (isinstance(e, RuntimeError) and any(
-        s in str(e) for s in ('inline_container', 'file write failed', 'unexpected pos')))
-
-_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, file too large
-
-def write_error(path, err: BaseException, need: int | None = None, hint: str = '', tmp: bool = True) -> WriteError:
-    """The one-line `WriteError` for a failed write of `path`: why, the space needed and free, what is intact, and the fix
-    (free space, or make the folder writable), then `hint` (what to do next, e.g. resume)."""
-    path, ose = Path(path), _os_error(err)
-    why = (ose.strerror or str(ose)) if ose is not None else f"the write failed ({err})"
-    try: free = shutil.disk_usage(path.parent).free
-    except OSError: free = None
-    space = ([f"needs {_mb(need)}"] if need is not None else []) + ([f"{_mb(free)} free in {path.parent}"] if free is not None else [])
-    kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
-    full = ose is None or ose.errno in _FULL or ose.errno is None
-    fix = ("free some space (or move the run folder)" if full else f"check that {path.parent} exists and is writable") + (f", then {hint}" if hint else '')
-    msg = (f"could not write {path}: {why}" + (f" ({', '.join(space)})" if space else '') + f"; {kept}"
-           + (", no temporary file left behind" if tmp else '') + f"; {fix}")
-    return WriteError(msg, getattr(ose, 'errno', None))
-
-def _nbytes(obj) -> int:
-    "Bytes of the tensor storages in `obj` (nested dicts, lists, tuples), each storage once: about what `torch.save` writes."
-    seen, stack, n = set(), [obj], 0
-    while stack:
-        o = stack.pop()
-        if isinstance(o, torch.Tensor):
-            s = o.untyped_storage(); key = (s.data_ptr(), s.nbytes())
-            if key not in seen: seen.add(key); n += s.nbytes()
-        elif isinstance(o, dict): stack.extend(o.values())
-        elif isinstance(o, (list, tuple)): stack.extend(o)
-    return n
-
-def _write_atomic(path: Path, write, need, hint: str):
-    "`write(file)` into `path.tmp`, flush it to disk, rename it over `path`; on failure remove the tmp (then `WriteError`)."
-    tmp = path.with_name(path.name + '.tmp')
-    try:
-        with open(tmp, 'wb') as f:
-            write(f); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError): tmp.unlink(missing_ok=True)
-        if isinstance(e, Exception) and _is_write_failure(e): raise write_error(path, e, need(), hint) from e
-        raise
-
-def atomic_save(obj, path, hint: str = ''):
-    "`torch.save` through a temporary file and a rename: never a half-written file; a failed write keeps the old one (`WriteError`)."
-    _write_atomic(Path(path), lambda f: torch.save(obj, f), lambda: _nbytes(obj), hint)
-
-def atomic_write_text(path, text: str, hint: str = '') -> Path:
-    "Write `text` (UTF-8) to `path` through a temporary file and a rename (`metrics.json`, `results.csv`): the same guarantees."
-    data = text.encode()
-    _write_atomic(Path(path), lambda f: f.write(data), lambda: len(data), hint)
-    return Path(path)
-
-def append_line(path, line: str, hint: str = ''):
-    "Append `line` to `path` and flush it to disk; a failed append cuts the file back to its old length (`WriteError`)."
-    path, data = Path(path), line.encode()
-    new = not path.exists()
-    try: f = open(path, 'ab', buffering=0)  # unbuffered: nothing left in a buffer to fail again on close
-    except OSError as e: raise write_error(path, e, len(data), hint, tmp=False) from e
-    with f:
-        pos = f.seek(0, os.SEEK_END)
-        try:
-            view = memoryview(data)
-            while view: view = view[f.write(view):]
-            os.fsync(f.fileno())
-            return
-        except OSError as e:
-            with contextlib.suppress(OSError): os.ftruncate(f.fileno(), pos)
-            err = e
-    if new:
-        with contextlib.suppress(OSError): path.unlink()
-    raise write_error(path, err, len(data), hint, tmp=False) from err
-
-# %% ../nbs/03_learner.ipynb #c3b8e9b2
-def _rng_state(learn) -> dict:
-    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                numpy=np.random.get_state(), python=random.getstate(),
-                dls=[dl.rng.getstate() for dl in learn.dls.loaders])
-
-def _scaler(learn):
-    "The fp16 GradScaler of a mixed-precision run, or None (bf16 and fp32 need none)."
-    s = getattr(learn, 'scaler', None)
-    return s if s is not None and s.is_enabled() else None
-
-def _set_rng_state(learn, s: dict):
-    torch.set_rng_state(s['torch'].cpu())  # RNG states must be CPU byte tensors, whatever map_location did
-    if s['cuda'] is not None and torch.cuda.is_available(): torch.cuda.set_rng_state_all([t.cpu() for t in s['cuda']])
-    np.random.set_state(s['numpy']); random.setstate(s['python'])
-    for dl, st in zip(learn.dls.loaders, s['dls']): dl.rng.setstate(st)
-
-RESUME_HINT = "continue with resume=True (--resume)"
-
-class RunCheckpoint(Callback):
-    "Save model, optimiser, epoch and all random states to `run_dir/checkpoint.pth` after each finished epoch."
-    order = 55  # after Recorder (50) has closed the epoch, before CSVLogger (60) writes its row
-    def __init__(self, run_dir): self.run_dir = Path(run_dir)
-    def after_epoch(self):
-        if self.epoch < getattr(self.learn, 'resume_epoch', 0): return  # an epoch skipped while resuming
-        if not torch.isfinite(torch.as_tensor(self.learn.recorder.losses[-1] if self.learn.recorder.losses else 0.)): return
-        sl = self.learn.recorder.smooth_loss
-        atomic_save(dict(model=self.learn.model.state_dict(), opt=self.learn.opt.state_dict(), epoch=self.epoch,
-                         n_epoch=self.n_epoch, rng=_rng_state(self.learn), smooth_loss=(sl.val, sl.count),
-                         scaler=_scaler(self.learn).state_dict() if _scaler(self.learn) else None),
-                    self.run_dir / 'checkpoint.pth', hint=RESUME_HINT)
-        self.learn.epochs_done = self.epoch + 1
-    def before_fit(self):  # after MixedPrecision (10) made the scaler: a resumed fp16 run keeps its loss scale
-        st = getattr(self.learn, '_resume_scaler', None)
-        if st and _scaler(self.learn): _scaler(self.learn).load_state_dict(st)
-    def before_train(self):
-        # resuming: carry on fastai's smoothed training loss, which a new `fit` would restart from zero
-        if self.epoch == getattr(self.learn, 'resume_epoch', 0) and getattr(self.learn, '_resume_smooth', None):
-            self.learn.recorder.smooth_loss.val, self.learn.recorder.smooth_loss.count = self.learn._resume_smooth
-
-class RunCSVLogger(CSVLogger):
-    "fastai's `CSVLogger` for resumable runs: one header, no rows for the epochs skipped while resuming, rows that never half-fail."
-    def before_fit(self):
-        if hasattr(self, 'gather_preds'): return
-        f = self.path / self.fname
-        self.append = self.append and f.exists() and f.stat().st_size > 0
-        f.parent.mkdir(parents=True, exist_ok=True)
-        if not self.append: atomic_write_text(f, ','.join(self.recorder.metric_names) + '\n', hint=RESUME_HINT)
-        self.old_logger, self.learn.logger = self.logger, self._write_line
-    def _write_line(self, log):
-        if self.epoch >= getattr(self.learn, 'resume_epoch', 0):
-            append_line(self.path / self.fname, ','.join(str(t) for t in log) + '\n', hint=RESUME_HINT)
-        self.old_logger(log)
-    def after_fit(self):
-        if hasattr(self, 'gather_preds'): return
-        self.learn.logger = self.old_logger
-
-def _load_opt(learn, state: dict, f: Path):
-    if learn.opt is None: learn.create_opt()
-    try: learn.opt.load_state_dict(state)
-    except (KeyError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{f}: its optimiser state does not fit this run's optimiser ({type(e).__name__}: {e}); a checkpoint "
-                         "written with fastai's Python optimisers (fgssl_nb before the fused kernels) resumes only with "
-                         "ssl_learner(..., opt_func=fastai.optimizer.Adam or SGD); or start the run again") from e
-
-def resume_from_checkpoint(learn, run_dir) -> int:
-    "Load `run_dir/checkpoint.pth` into `learn` (model, optimiser, random states); returns the epoch to start from."
-    f = Path(run_dir) / 'checkpoint.pth'
-    if not f.exists(): raise FileNotFoundError(f"{f} does not exist: nothing to resume (run without --resume to start)")
-    try: ck = torch.load(f, map_location=learn.dls.device, weights_only=False)
-    except Exception as e: raise ValueError(f"{f}: unreadable checkpoint ({type(e).__name__}: {e})") from e
-    learn.model.load_state_dict(ck['model'])
-    # torch optimisers put their loaded state on the device of each parameter *now*: move the model first (fastai would
-    # only move it in before_fit, leaving the state behind on the CPU of a CUDA run)
-    learn.model.to(learn.dls.device or torch.device('cpu'))
-    if ck.get('opt') is not None: _load_opt(learn, ck['opt'], f)
-    elif ck['epoch'] + 1 < ck.get('n_epoch', 0):
-        raise ValueError(f"{f} holds no optimiser state (a checkpoint exported for sharing) and its run stopped after epoch "
-                         f"{ck['epoch'] + 1} of {ck['n_epoch']}: it cannot be continued exactly; start the run again")
-    _set_rng_state(learn, ck['rng'])
-    learn._resume_smooth, learn._resume_scaler = ck.get('smooth_loss'), ck.get('scaler')
-    return ck['epoch'] + 1
-
-# %% ../nbs/03_learner.ipynb #ca06a501
-FUSED_DEVICES = ('cpu', 'cuda')  # where torch has fused Adam/AdamW/SGD kernels for float parameters
-
-def _fusable(params) -> bool:
-    "True when every parameter is a float tensor on a device with fused kernels (torch only checks at the first step)."
-    ps = [p for g in params for p in (g['params'] if isinstance(g, dict) else g if isinstance(g, (list, tuple)) else [g])]
-    return all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in ps)
-
-def _torch_opt(cls, params, impl: str, **kwargs) -> OptimWrapper:
-    "`cls` on torch's fused kernel (`impl='fused'`; multi-tensor where a parameter's device has none) or `'foreach'`."
-    if impl not in ('fused', 'foreach'): raise ValueError(f"impl must be 'fused' or 'foreach', got {impl!r}")
-    params = list(params)
-    fused = impl == 'fused' and _fusable(params)
-    return OptimWrapper(params, cls, **({'fused': True} if fused else {'foreach': True}), **kwargs)
-
-def fast_adam(params, lr: float = 1e-3, mom: float = 0.9, sqr_mom: float = 0.99, eps: float = 1e-5, wd: float = 0.01,
-              decouple_wd: bool = True, impl: str = 'fused') -> OptimWrapper:
-    "fastai's `Adam` (same arguments, defaults and update) on torch's fused kernel: AdamW, or Adam with L2 if not `decouple_wd`; decays every parameter, BatchNorm and biases included."
-    cls = torch.optim.AdamW if decouple_wd else torch.optim.Adam
-    return _torch_opt(cls, params, impl, lr=lr, betas=(mom, sqr_mom), eps=eps, weight_decay=wd)
-
-def fast_sgd(params, lr: float = 1e-3, mom: float = 0.9, wd: float = 0.0, decouple_wd: bool = False,
-             impl: str = 'fused') -> OptimWrapper:
-    "fastai's `SGD` with momentum and L2 weight decay (`decouple_wd=False`, as MoCo v2 and SimSiam) on torch's fused kernel."
-    if decouple_wd: raise ValueError("fast_sgd implements L2 (coupled) weight decay only; use fastai's SGD for decoupled decay")
-    return _torch_opt(torch.optim.SGD, params, impl, lr=lr, momentum=mom, weight_decay=wd)
-
-# %% ../nbs/03_learner.ipynb #e1af9f48
-METHODS: dict = {}
-TRAINERS: dict = {}
-METHOD_MODULES = ('simclr', 'moco', 'simsiam', 'byol', 'jigsaw', 'synth', 'srgan', 'supervised')
-
-def register_method(cls):
-    "Class decorator: make an `SSLCallback` subclass available to `ssl_learner` under `cls.name`."
-    METHODS[cls.name] = cls; return cls
-
-def register_trainer(name: str):
-    """Decorator for methods that are not one `SSLCallback` on `ssl_learner` (a GAN, a supervised baseline):
-    `fn(ds, out, *, arch, pretrained, size, bs, epochs, lr, seed, resume, precision, workers, progress, **kw) -> Learner`
-    trains into run folder `out` (config.json, log.csv, checkpoint.pth, encoder.pth, as `pretrain` writes them)."""
-    def _reg(fn): TRAINERS[name] = fn; return fn
-    return _reg
-
-def _load_methods():
-    import importlib
-    for m in METHOD_MODULES:
-        try: importlib.import_module(f'fgssl_nb.{m}')
-        except ModuleNotFoundError as e:
-            if e.name != f'fgssl_nb.{m}': raise
-
-def get_method(name: str):
-    "The method class registered as `name`."
-    _load_methods()
-    import fgssl_nb.learner as _lib
-    METHODS.update(_lib.METHODS)  # the package's registry (a notebook session has its own `METHODS` too)
-    TRAINERS.update(_lib.TRAINERS)
-    if name in TRAINERS: return TRAINERS[name]
-    if name not in METHODS: raise ValueError(f"unknown method {name!r}; choose from {', '.join(method_names())}")
-    return METHODS[name]
-
-def method_options(cls) -> set[str]:
-    "The keyword options a method class accepts: its model arguments and its callback's constructor arguments."
-    import inspect
-    names = set(getattr(cls, 'model_args', ()))
-    for k in cls.__mro__:
-        if issubclass(k, SSLCallback) and '__init__' in vars(k):
-            names |= {n for n, p in inspect.signature(vars(k)['__init__']).parameters.items()
-                      if n not in ('self', 'views') and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-    return names
-
-def method_names() -> list[str]:
-    "Every method `fgssl_pretrain --method` accepts."
-    _load_methods()
-    import fgssl_nb.learner as _lib
-    return sorted({**METHODS, **TRAINERS, **_lib.METHODS, **_lib.TRAINERS})
+# %% ../nbs/03_learner.ipynb #c63677d3
+def build_learner(dls, model: nn.Module, loss_func, run: RunState, cbs: list = (), opt_func=fast_adam,
+                  splitter=trainable_params, wd: float | None = None, moms: tuple | None = None, metrics=None,
+                  precision: str = 'auto', channels_last: bool = True, run_dir=None) -> Learner:
+    """The one place a training `Learner` is made (SSL methods, the GAN, the supervised trainers): `cbs` plus the NaN
+    guard, mixed precision resolved for the data's device (with channels_last), a checkpoint per epoch in `run_dir`
+    (exact resume with `pretrain(resume=True)`), `moms` for the one-cycle schedule, and `run` as `learn.run_state`."""
+    run.precision = resolve_precision(precision, dls.device or torch.device('cpu'))
+    cbs = [*cbs, NaNGuard()]
+    if run.precision != 'fp32':
+        cbs.append(DeviceMixedPrecision(amp_mode=run.precision))
+        if channels_last: cbs.append(ChannelsLast())
+    if run_dir is not None: cbs.append(RunCheckpoint(run_dir))
+    learn = Learner(dls, model, loss_func=loss_func, opt_func=opt_func, splitter=splitter, wd=wd, cbs=cbs,
+                    metrics=metrics if metrics is not None else [], path=run_dir or '.', model_dir='.')
+    learn.run_state = run
+    if moms is not None: learn.moms = moms  # fastai's one-cycle reads `learn.moms`
+    return learn
 
 def ssl_learner(dls, method: str = 'simclr', arch: str = 'resnet18', pretrained: bool = False, size: int | None = None,
-                views: str | None = None, precision: str = 'auto', channels_last: bool = True, knn_dls=None,
-                run_dir=None, opt_func=None, wd: float | None = None, **method_kwargs) -> Learner:
-    "A fastai `Learner` pretraining `arch` with SSL `method` on the (unlabelled) `dls`."
+                views: str | None = None, local_views: int = 0, local_size: int | None = None, precision: str = 'auto',
+                channels_last: bool = True, knn_dls=None, run_dir=None, opt_func=None, wd: float | None = None,
+                **options) -> Learner:
+    "A fastai `Learner` pretraining `arch` with SSL `method` on the (unlabelled) `dls`; `options`: the method's own."
     cls = get_method(method)
-    if method in TRAINERS: raise ValueError(f"{method!r} has its own trainer: use fgssl_nb.cli.pretrain_run or fgssl_nb.learner.TRAINERS[{method!r}]")
-    bad = set(method_kwargs) - method_options(cls)
+    if is_trainer(method): raise ValueError(f"{method!r} has its own trainer: use fgssl_nb.cli.pretrain_run or fgssl_nb.registry.get_method({method!r})")
+    bad = set(options) - method_options(cls)
     if bad: raise ValueError(f"{method} has no option {', '.join(sorted(bad))}; its options: {', '.join(sorted(method_options(cls)))}")
     size = size or dls.one_batch()[0].shape[-1]
     encoder = create_encoder(arch, pretrained=pretrained)
-    model = cls.make_model(encoder, dls, **{k: v for k, v in method_kwargs.items() if k in cls.model_args})
-    cb = cls(cls.default_views(size, views), **{k: v for k, v in method_kwargs.items() if k not in cls.model_args})
-    dev = dls.device or torch.device('cpu')
-    cbs = [cb, *cb.extra_callbacks(), NaNGuard()]
-    prec = resolve_precision(precision, dev)
-    if prec != 'fp32': cbs.append(DeviceMixedPrecision(amp_mode=prec))
-    if channels_last and prec != 'fp32': cbs.append(ChannelsLast())
-    if run_dir is not None: cbs.append(RunCheckpoint(run_dir))
-    learn = Learner(dls, model, loss_func=lambda *a: 0., opt_func=opt_func or cls.opt_func, splitter=ssl_splitter,
-                    wd=cls.wd if wd is None else wd, cbs=cbs, path=run_dir or '.', model_dir='.')
-    learn.metrics = [EmbeddingStd()]
-    if knn_dls is not None:
-        import weakref
-        learn.metrics = [EmbeddingStd(), ValueMetric(KNNMonitor(weakref.ref(learn), knn_dls), 'knn_top1')]
-    learn.precision, learn.method, learn.ssl_cb = prec, method, cb
-    learn.default_lr = cls.lr
-    if cls.moms is not None: learn.moms = cls.moms  # fastai's one-cycle reads `learn.moms`
+    model = cls.make_model(encoder, dls, **{k: v for k, v in options.items() if k in cls.model_args})
+    cb = cls(cls.default_views(size, views, local_views, local_size), **{k: v for k, v in options.items() if k not in cls.model_args})
+    learn = build_learner(dls, model, cb.loss, RunState(method=method, default_lr=cls.lr, method_cb=cb),
+                          cbs=[cb, *cb.extra_callbacks()], opt_func=opt_func or cls.opt_func, splitter=ssl_splitter,
+                          wd=cls.wd if wd is None else wd, moms=cls.moms, metrics=[EmbeddingStd()], precision=precision,
+                          channels_last=channels_last, run_dir=run_dir)
+    if knn_dls is not None: learn.metrics = [*learn.metrics, ValueMetric(KNNMonitor(weakref.ref(learn), knn_dls), 'knn_top1')]
     return learn
 
 # %% ../nbs/03_learner.ipynb #6dbbabdd
-def save_encoder(encoder: Encoder, path, hint: str = '', **meta):
-    "Save an encoder's weights with what is needed to rebuild it (`load_encoder`); `hint`: what to do if the write fails."
-    atomic_save(dict(arch=encoder.arch, arch_kwargs=getattr(encoder, 'arch_kwargs', {}), num_features=encoder.num_features,
-                     state_dict=encoder.state_dict(), meta=meta), Path(path), hint=hint)
-
-def load_encoder(path) -> Encoder:
-    "Rebuild an encoder saved by `save_encoder`."
-    f = Path(path)
-    if not f.exists(): raise FileNotFoundError(f"{f} does not exist: no trained encoder here (run fgssl_pretrain first)")
-    try: ck = torch.load(f, map_location='cpu', weights_only=False)
-    except Exception as e: raise ValueError(f"{f}: unreadable encoder file ({type(e).__name__}: {e})") from e
-    enc = create_encoder(ck['arch'], pretrained=False, **ck.get('arch_kwargs', {}))
-    enc.load_state_dict(ck['state_dict'])
-    return enc
-
 def _in_notebook() -> bool:
     from fastcore.imports import in_notebook
     return in_notebook()
@@ -442,7 +254,8 @@ def pretrain(learn: Learner, epochs: int, lr: float | None = None, run_dir=None,
     if progress is None: progress = sys.stdout.isatty() or _in_notebook()
     run_dir = Path(run_dir or learn.path); run_dir.mkdir(parents=True, exist_ok=True)
     learn.path = run_dir
-    lr = lr or getattr(learn, 'default_lr', None) or learn.ssl_cb.lr
+    run = get_run_state(learn)
+    lr = lr or run.default_lr
     start = 0
     if resume:
         start = resume_from_checkpoint(learn, run_dir)
@@ -451,34 +264,22 @@ def pretrain(learn: Learner, epochs: int, lr: float | None = None, run_dir=None,
         _trim_log(run_dir, start)
         if start >= epochs: print(f"{run_dir}: all {epochs} epochs already done")
     else:
-        atomic_write_text(run_dir / 'config.json', json.dumps(dict(config or {}, epochs=epochs, lr=lr, method=learn.method,
-                                                                   precision=learn.precision), indent=1, default=str))
-    learn.resume_epoch, learn.epochs_done = start, start
+        atomic_write_text(run_dir / 'config.json', json.dumps(dict(config or {}, epochs=epochs, lr=lr, method=run.method,
+                                                                   precision=run.precision), indent=1, default=str))
+    run.resume_epoch, run.epochs_done = start, start
     if start < epochs:
         cbs = [RunCSVLogger('log.csv', append=resume)]  # fastai puts it under learn.path = run_dir
         if not any(isinstance(c, RunCheckpoint) for c in learn.cbs): cbs.append(RunCheckpoint(run_dir))
         with (learn.no_bar() if not progress else contextlib.nullcontext()):
             learn.fit_one_cycle(epochs, lr, pct_start=pct_start, start_epoch=start, cbs=cbs)
-    if getattr(learn, 'nan_at', None) is not None:
-        raise FloatingPointError(f"loss became NaN/inf at epoch {learn.nan_at[0]} batch {learn.nan_at[1]}; training stopped. "
+    if run.nan_at is not None:
+        raise FloatingPointError(f"loss became NaN/inf at epoch {run.nan_at[0]} batch {run.nan_at[1]}; training stopped. "
                                  f"The last good checkpoint is kept in {run_dir / 'checkpoint.pth'}; lower the learning rate or use --precision fp32")
-    if learn.epochs_done < epochs:
-        print(f"stopped after epoch {learn.epochs_done} of {epochs}; continue with resume=True (--resume)")
-    else:  # a method whose model has no `.encoder` (a GAN) says what to export with `learn.export_encoder()`
-        enc = learn.export_encoder() if hasattr(learn, 'export_encoder') else learn.model.encoder
+    if run.epochs_done < epochs:
+        print(f"stopped after epoch {run.epochs_done} of {epochs}; continue with resume=True (--resume)")
+    else:  # a model without `.encoder` (a GAN) says what to export in `run.export_encoder`
+        enc = run.export_encoder() if run.export_encoder is not None else learn.model.encoder
         save_encoder(enc, run_dir / 'encoder.pth', hint="run again with resume=True (--resume) to write it",
-                     method=learn.method, epochs=epochs)
+                     method=run.method, epochs=epochs)
         if not keep_optimizer and (run_dir / 'checkpoint.pth').exists(): export_checkpoint(run_dir, run_dir / 'checkpoint.pth')
     return learn
-
-# %% ../nbs/03_learner.ipynb #6bf4818d
-def export_checkpoint(src, dest, keep_optimizer: bool = False) -> Path:
-    "Copy the checkpoint of run folder (or file) `src` to `dest` (a file or a folder), without the optimiser state unless `keep_optimizer`."
-    src = Path(src); f = src / 'checkpoint.pth' if src.is_dir() else src
-    if not f.exists(): raise FileNotFoundError(f"{f} does not exist: no checkpoint to export")
-    try: ck = torch.load(f, map_location='cpu', weights_only=False)
-    except Exception as e: raise ValueError(f"{f}: unreadable checkpoint ({type(e).__name__}: {e})") from e
-    if not keep_optimizer: ck = {k: v for k, v in ck.items() if k not in ('opt', 'scaler')}
-    dest = Path(dest); dest = dest / f.name if dest.is_dir() else dest
-    atomic_save(ck, dest)
-    return dest

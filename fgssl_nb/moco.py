@@ -6,7 +6,9 @@
 from __future__ import annotations
 from functools import partial
 import torch, torch.nn as nn, torch.nn.functional as F
-from .learner import SSLCallback, register_method, fast_sgd
+from .learner import SSLMethod
+from .registry import register_method
+from .optim import fast_sgd
 from .models import SSLModel, mlp, Encoder
 
 # %% auto #0
@@ -37,13 +39,13 @@ class KeyQueue(nn.Module):
 
 # %% ../nbs/11_moco.ipynb #65f5298e
 @register_method
-class MoCo(SSLCallback):
+class MoCo(SSLMethod):
     "MoCo v2: query encoder + momentum key encoder, InfoNCE against a queue of negatives."
     name, lr, wd, opt_func = 'moco', 0.03 * 64 / 256, 1e-4, partial(fast_sgd, mom=0.9)  # SGD, L2 decay
     moms = (0.9, 0.9, 0.9)  # the paper's SGD: fixed momentum, L2 weight decay (fastai's one-cycle would cycle it)
-    model_args = ('proj_hidden', 'proj_dim', 'queue_size')
-    def __init__(self, views, temperature: float = 0.2, momentum: float = 0.99, symmetric: bool = False, **kwargs):
-        super().__init__(views, **kwargs)
+    view_recipe, model_args = 'moco', ('proj_hidden', 'proj_dim', 'queue_size')
+    def __init__(self, pipelines, temperature: float = 0.2, momentum: float = 0.99, symmetric: bool = False, **kwargs):
+        super().__init__(pipelines, **kwargs)
         self.temperature, self.momentum, self.symmetric = temperature, momentum, symmetric
     @classmethod
     def make_model(cls, encoder: Encoder, dls=None, proj_hidden: int = 2048, proj_dim: int = 256, queue_size: int = 65536) -> SSLModel:
@@ -53,17 +55,13 @@ class MoCo(SSLCallback):
             queue_size = min(queue_size, max(bs, (n // 4 // bs) * bs))
         m.queue = KeyQueue(proj_dim, queue_size)
         return m
-    @classmethod
-    def default_views(cls, size: int, views: str | None = None) -> list:
-        from fgssl_nb.augment import get_views
-        return get_views(views or 'moco', size)
     def before_batch(self):
         super().before_batch()
-        if not self.symmetric: self.learn.xb = (self.learn.xb[0][:len(self.views[0])],)  # only the query view
+        if not self.symmetric: self.learn.xb = (self.learn.xb[0][:self.n_images],)  # only the query view
     def loss(self, pred, *yb):
         m = self.learn.model
         qs = pred.chunk(2) if self.symmetric else (pred,)
-        with torch.no_grad(): ks = [m.target(v) for v in (self.views[1], self.views[0])[:len(qs)]]
+        with torch.no_grad(): ks = [m.target(v) for v in (self.view_batches[1], self.view_batches[0])[:len(qs)]]
         if self.training: self.keys = ks[0]  # pushed to the queue after the step (validation keys never are)
         return sum(moco_infonce(q, k, m.queue.keys, self.temperature) for q, k in zip(qs, ks)) / len(qs)
     def after_step(self):

@@ -154,7 +154,10 @@ class SSLModel(nn.Module):
         super().__init__()
         self.encoder, self.projector, self.predictor = encoder, projector, predictor
         self.target = momentum_copy(nn.Sequential(encoder, projector)) if momentum else None
-    def forward(self, x: torch.Tensor) -> torch.Tensor: return self.projector(self.encoder(x))
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        "Projections of one or more image batches (e.g. views of different sizes), concatenated in order."
+        zs = [self.projector(self.encoder(x)) for x in xs]
+        return zs[0] if len(zs) == 1 else torch.cat(zs)
     def update_target(self, m: float):
         "EMA step of the momentum copy towards the online encoder + projector."
         ema_update(nn.Sequential(self.encoder, self.projector), self.target, m)

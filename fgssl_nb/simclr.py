@@ -6,38 +6,42 @@
 from __future__ import annotations
 from functools import partial
 import torch, torch.nn as nn, torch.nn.functional as F
-from .learner import SSLCallback, register_method, fast_adam
+from .learner import SSLMethod
+from .registry import register_method
+from .optim import fast_adam
 from .models import SSLModel, mlp, Encoder
 
 # %% auto #0
-__all__ = ['nt_xent', 'SimCLR']
+__all__ = ['nt_xent', 'multicrop_nt_xent', 'SimCLR']
 
 # %% ../nbs/10_simclr.ipynb #713e6f60
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
-    "NT-Xent loss of paired embeddings `z1[i]` <-> `z2[i]`: mean over the 2N anchors."
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
-    n = len(z1)
-    sim = z @ z.T / temperature
+    """NT-Xent loss of paired embeddings `z1[i]` <-> `z2[i]`: mean over the 2N anchors. With (P, N, d) inputs: P
+    independent pairs of view batches (multi-crop), each its own NT-Xent, the mean over all of them."""
+    z = F.normalize(torch.cat([z1, z2], -2).float(), dim=-1)
+    n = z1.shape[-2]
+    sim = z @ z.transpose(-1, -2) / temperature
     sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float('-inf'))
     target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(sim, target)
+    return F.cross_entropy(sim.reshape(-1, 2 * n), target.repeat(sim.numel() // (4 * n * n)))
 
 # %% ../nbs/10_simclr.ipynb #fb343a77
+def multicrop_nt_xent(zs: list[torch.Tensor], pairs: list[tuple[int, int]], temperature: float = 0.5) -> torch.Tensor:
+    "Mean NT-Xent over the view `pairs` (i, j) of the view embeddings `zs`, all pairs in one batched computation."
+    i, j = zip(*pairs)
+    return nt_xent(torch.stack([zs[k] for k in i]), torch.stack([zs[k] for k in j]), temperature)
+
 @register_method
-class SimCLR(SSLCallback):
-    "SimCLR: two views, projection MLP, NT-Xent."
+class SimCLR(SSLMethod):
+    "SimCLR: two views (plus optional local views), projection MLP, NT-Xent."
     name, lr, wd, opt_func = 'simclr', 1e-3, 1e-5, fast_adam  # fastai's Adam on torch's fused kernel
+    view_recipe, multicrop = 'simclr', True
     model_args = ('proj_hidden', 'proj_dim')
-    def __init__(self, views, temperature: float = 0.5, **kwargs):
-        super().__init__(views, **kwargs); self.temperature = temperature
+    def __init__(self, pipelines, temperature: float = 0.5, **kwargs):
+        super().__init__(pipelines, **kwargs); self.temperature = temperature
     @classmethod
     def make_model(cls, encoder: Encoder, dls=None, proj_hidden: int | None = None, proj_dim: int = 512) -> SSLModel:
         d = encoder.num_features
         return SSLModel(encoder, mlp(d, proj_hidden or d, proj_dim))
-    @classmethod
-    def default_views(cls, size: int, views: str | None = None) -> list:
-        from fgssl_nb.augment import get_views
-        return get_views(views or 'simclr', size)
     def loss(self, pred, *yb):
-        z1, z2 = self.chunks(pred)
-        return nt_xent(z1, z2, self.temperature)
+        return multicrop_nt_xent(self.chunks(pred), self.view_pairs(ordered=False), self.temperature)

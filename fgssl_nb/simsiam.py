@@ -6,11 +6,13 @@
 from __future__ import annotations
 from functools import partial
 import torch, torch.nn as nn, torch.nn.functional as F
-from .learner import SSLCallback, register_method, fast_sgd
+from .learner import SSLMethod
+from .registry import register_method
+from .optim import fast_sgd
 from .models import SSLModel, mlp, Encoder
 
 # %% auto #0
-__all__ = ['neg_cosine', 'simsiam_loss', 'SimSiam']
+__all__ = ['neg_cosine', 'simsiam_loss', 'multicrop_simsiam_loss', 'SimSiam']
 
 # %% ../nbs/12_simsiam.ipynb #7e818073
 def neg_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -21,23 +23,25 @@ def simsiam_loss(p1, p2, z1, z2) -> torch.Tensor:
     "Symmetric SimSiam loss."
     return neg_cosine(p1, z2) / 2 + neg_cosine(p2, z1) / 2
 
+# %% ../nbs/12_simsiam.ipynb #85d22940
+def multicrop_simsiam_loss(ps: list[torch.Tensor], zs: list[torch.Tensor], pairs: list[tuple[int, int]]) -> torch.Tensor:
+    "Mean of D(p_j, z_i) over the view `pairs` (i, j), i a global view: predictions `ps`, projections `zs`, one batched computation."
+    i, j = zip(*pairs)
+    p, z = torch.stack([ps[k] for k in j]).float(), torch.stack([zs[k] for k in i]).float()
+    return -F.cosine_similarity(p, z.detach(), dim=-1).mean()
+
 # %% ../nbs/12_simsiam.ipynb #2cd960e8
 @register_method
-class SimSiam(SSLCallback):
+class SimSiam(SSLMethod):
     "SimSiam: projector + predictor, symmetric negative cosine with stop-gradient."
     name, lr, wd, opt_func = 'simsiam', 0.05 * 64 / 256, 5e-4, partial(fast_sgd, mom=0.9)  # SGD, L2 decay
     moms = (0.9, 0.9, 0.9)  # the paper's SGD: fixed momentum, L2 weight decay
-    model_args = ('proj_dim', 'pred_hidden')
+    view_recipe, multicrop, model_args = 'simsiam', True, ('proj_dim', 'pred_hidden')
     @classmethod
     def make_model(cls, encoder: Encoder, dls=None, proj_dim: int = 2048, pred_hidden: int | None = None) -> SSLModel:
         d = encoder.num_features
         return SSLModel(encoder, mlp(d, proj_dim, proj_dim, n_layers=3, last_bn=True),
                         mlp(proj_dim, pred_hidden or proj_dim // 4, proj_dim))
-    @classmethod
-    def default_views(cls, size: int, views: str | None = None) -> list:
-        from fgssl_nb.augment import get_views
-        return get_views(views or 'simsiam', size)
     def loss(self, pred, *yb):
-        z1, z2 = self.chunks(pred)
-        p1, p2 = self.learn.model.predictor(pred).chunk(2)
-        return simsiam_loss(p1, p2, z1, z2)
+        zs, ps = self.chunks(pred), self.chunks(self.learn.model.predictor(pred))
+        return multicrop_simsiam_loss(ps, zs, self.view_pairs())

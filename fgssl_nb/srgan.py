@@ -19,7 +19,10 @@ from fastai.torch_core import params, set_seed
 from fastai.vision.gan import GANModule, GANLoss, GANTrainer, FixedGANSwitcher
 from fastai.layers import icnr_init
 import fastai.callback.schedule  # noqa: F401  (Learner.fit_one_cycle)
-from .learner import register_trainer, pretrain, save_encoder, NaNGuard, DeviceMixedPrecision, resolve_precision, RunCheckpoint
+from .registry import register_trainer
+from .learner import pretrain, build_learner
+from .runs import save_encoder, RunState
+from .optim import fast_adam
 from .models import register_encoder
 
 # %% auto #0
@@ -200,37 +203,32 @@ class FrozenNoStep(Callback):
 # %% ../nbs/15_srgan.ipynb #52b9689c
 def srgan_learner(dls: DataLoaders, n_blocks: int = 16, nf: int = 64, d_nf: int = 64, d_pool: int = 1, scale: int = 4,
                   adv_weight: float = 1e-3, n_crit: int = 1, n_gen: int = 1, warmup: int = 0, lr_mode: str = 'bicubic',
-                  flip: bool = True, k: int = 2, pool: int = 2, precision: str = 'auto', run_dir=None) -> Learner:
+                  flip: bool = True, drop_blocks: int = 2, pool: int = 2, precision: str = 'auto', run_dir=None) -> Learner:
     "A fastai GAN `Learner` training SRResNet(`n_blocks`, `nf`) against Discriminator(`d_nf`, `d_pool`) on the HR images of unlabelled `dls`."
-    if not 0 <= k < n_blocks: raise ValueError(f"k (residual blocks dropped for the encoder) must be in 0..{n_blocks - 1}, got {k}")
+    if not 0 <= drop_blocks < n_blocks: raise ValueError(f"drop_blocks (residual blocks dropped for the encoder) must be in 0..{n_blocks - 1}, got {drop_blocks}")
     gan = SRGANModule(SRResNet(n_blocks, nf, scale), Discriminator(d_nf, d_pool))
     loss = GANLoss(SRGANGenLoss(adv_weight), srgan_crit_loss, gan)
-    dev = dls.device or torch.device('cpu')
-    prec = resolve_precision(precision, dev)
-    cbs = [MakeLR(scale, lr_mode, flip), SRGANTrainer(switch_eval=False, gen_first=False, show_img=False),
-           SRGANSwitcher(n_crit, n_gen, warmup), RestoreGANMode(), FrozenNoStep(), NaNGuard()]
-    if prec != 'fp32': cbs.append(DeviceMixedPrecision(amp_mode=prec))
-    if run_dir is not None: cbs.append(RunCheckpoint(run_dir))
-    learn = Learner(dls, gan, loss_func=loss, opt_func=partial(Adam, sqr_mom=0.999, eps=1e-8), wd=0., cbs=cbs,
-                    metrics=[PSNRMetric(None, scale), PSNRMetric('bicubic', scale)], path=run_dir or '.', model_dir='.')
-    learn.method, learn.precision, learn.default_lr, learn.moms = 'srgan', prec, 1e-3, (0.9, 0.9, 0.9)
-    learn.export_encoder = lambda: srgan_g_encoder(learn.model.generator, k=k, pool=pool, lr_mode=lr_mode)
-    learn.export_d_encoder = lambda: srgan_d_encoder(learn.model.critic)
+    run = RunState(method='srgan', default_lr=1e-3)
+    learn = build_learner(dls, gan, loss, run, cbs=[MakeLR(scale, lr_mode, flip), SRGANTrainer(switch_eval=False, gen_first=False, show_img=False),
+                                                    SRGANSwitcher(n_crit, n_gen, warmup), RestoreGANMode(), FrozenNoStep()],
+                          opt_func=partial(fast_adam, sqr_mom=0.999, eps=1e-8), wd=0., moms=(0.9, 0.9, 0.9),
+                          metrics=[PSNRMetric(None, scale), PSNRMetric('bicubic', scale)], precision=precision, run_dir=run_dir)
+    run.export_encoder = lambda: srgan_g_encoder(learn.model.generator, drop_blocks=drop_blocks, pool=pool, lr_mode=lr_mode)
     return learn
 
 # %% ../nbs/15_srgan.ipynb #ab067b7f
 class SRGANEncoder(nn.Module):
-    "Frozen-generator features: input shrunk by `down`, SRResNet head + first `n_blocks`-`k` residual blocks, avg-pooled to `pool`x`pool`, flattened."
-    def __init__(self, n_blocks: int = 16, k: int = 2, nf: int = 64, down: int = 4, pool: int = 2, lr_mode: str = 'bicubic'):
+    "Frozen-generator features: input shrunk by `down`, SRResNet head + first `n_blocks`-`drop_blocks` residual blocks, avg-pooled to `pool`x`pool`, flattened."
+    def __init__(self, n_blocks: int = 16, drop_blocks: int = 2, nf: int = 64, down: int = 4, pool: int = 2, lr_mode: str = 'bicubic'):
         super().__init__()
-        if not 0 <= k < n_blocks: raise ValueError(f"k (residual blocks dropped) must be in 0..{n_blocks - 1}, got {k}")
+        if not 0 <= drop_blocks < n_blocks: raise ValueError(f"drop_blocks (residual blocks dropped) must be in 0..{n_blocks - 1}, got {drop_blocks}")
         if down < 1 or pool < 1: raise ValueError(f"down and pool must be at least 1, got down={down}, pool={pool}")
         self.head = nn.Sequential(nn.Conv2d(3, nf, 9, padding=4), nn.PReLU())
-        self.blocks = nn.Sequential(*[ResidualBlock(nf) for _ in range(n_blocks - k)])
+        self.blocks = nn.Sequential(*[ResidualBlock(nf) for _ in range(n_blocks - drop_blocks)])
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(pool), nn.Flatten())
         self.nf, self.down, self.lr_mode = nf, down, lr_mode
         self.arch, self.num_features = 'srgan_g', nf * pool * pool
-        self.arch_kwargs = dict(n_blocks=n_blocks, k=k, nf=nf, down=down, pool=pool, lr_mode=lr_mode)
+        self.arch_kwargs = dict(n_blocks=n_blocks, drop_blocks=drop_blocks, nf=nf, down=down, pool=pool, lr_mode=lr_mode)
     def forward_map(self, x: torch.Tensor) -> torch.Tensor:
         "The trunk's feature map (B, `nf`, H/`down`, W/`down`) of a normalised batch."
         if self.down > 1:  # the very LR image the GAN saw: shrink in pixel space, clip, normalise again
@@ -238,9 +236,9 @@ class SRGANEncoder(nn.Module):
         return self.blocks(self.head(x))
     def forward(self, x: torch.Tensor) -> torch.Tensor: return self.pool(self.forward_map(x))
 
-def srgan_g_encoder(generator: SRResNet, k: int = 2, pool: int = 2, down: int | None = None, lr_mode: str = 'bicubic') -> SRGANEncoder:
-    "An `SRGANEncoder` holding a copy of `generator`'s weights minus its last `k` residual blocks (`down` defaults to its scale)."
-    enc = SRGANEncoder(generator.n_blocks, k, generator.nf, generator.scale if down is None else down, pool, lr_mode)
+def srgan_g_encoder(generator: SRResNet, drop_blocks: int = 2, pool: int = 2, down: int | None = None, lr_mode: str = 'bicubic') -> SRGANEncoder:
+    "An `SRGANEncoder` holding a copy of `generator`'s weights minus its last `drop_blocks` residual blocks (`down` defaults to its scale)."
+    enc = SRGANEncoder(generator.n_blocks, drop_blocks, generator.nf, generator.scale if down is None else down, pool, lr_mode)
     enc.head.load_state_dict(generator.head.state_dict())
     for b, gb in zip(enc.blocks, generator.blocks): b.load_state_dict(gb.state_dict())
     return enc.to(next(generator.parameters()).device).eval()
@@ -266,7 +264,9 @@ def _no_weights(name: str, pretrained: bool):
 
 @register_encoder('srgan_g')
 def _srgan_g(pretrained: bool = False, **arch_kwargs) -> SRGANEncoder:
-    _no_weights('srgan_g', pretrained); return SRGANEncoder(**arch_kwargs)
+    _no_weights('srgan_g', pretrained)
+    if 'k' in arch_kwargs: arch_kwargs['drop_blocks'] = arch_kwargs.pop('k')  # encoder files written before the rename
+    return SRGANEncoder(**arch_kwargs)
 
 @register_encoder('srgan_d')
 def _srgan_d(pretrained: bool = False, **arch_kwargs) -> DiscriminatorEncoder:
@@ -278,7 +278,7 @@ def train_srgan(ds: FGDataset, out, *, arch: str | None = None, pretrained: bool
                 epochs: int = 10, lr: float | None = None, seed: int = 0, resume: bool = False, precision: str = 'auto',
                 workers: int | None = None, progress: bool | None = None, config: dict | None = None, views=None,
                 n_blocks: int = 16, nf: int = 64, d_nf: int = 64, d_pool: int = 1, scale: int = 4, adv_weight: float = 1e-3,
-                n_crit: int = 1, n_gen: int = 1, warmup: int = 0, lr_mode: str = 'bicubic', flip: bool = True, k: int = 2,
+                n_crit: int = 1, n_gen: int = 1, warmup: int = 0, lr_mode: str = 'bicubic', flip: bool = True, drop_blocks: int = 2,
                 pool: int = 2, valid_pct: float = 0.1) -> Learner:
     "Train SRGAN (4x SR of the pretext images at `size`) into run folder `out`; exports `encoder.pth` (srgan_g) and `encoder_d.pth` (srgan_d)."
     if pretrained: raise ValueError("srgan trains its generator and discriminator from scratch: drop --pretrained")
@@ -286,14 +286,14 @@ def train_srgan(ds: FGDataset, out, *, arch: str | None = None, pretrained: bool
     set_seed(seed)
     dls = ssl_dls(ds, size=size, bs=bs, valid_pct=valid_pct, seed=seed, num_workers=workers)
     learn = srgan_learner(dls, n_blocks=n_blocks, nf=nf, d_nf=d_nf, d_pool=d_pool, scale=scale, adv_weight=adv_weight,
-                          n_crit=n_crit, n_gen=n_gen, warmup=warmup, lr_mode=lr_mode, flip=flip, k=k, pool=pool,
+                          n_crit=n_crit, n_gen=n_gen, warmup=warmup, lr_mode=lr_mode, flip=flip, drop_blocks=drop_blocks, pool=pool,
                           precision=precision, run_dir=out)
     srgan = dict(n_blocks=n_blocks, nf=nf, d_nf=d_nf, d_pool=d_pool, scale=scale, adv_weight=adv_weight, n_crit=n_crit,
-                 n_gen=n_gen, warmup=warmup, lr_mode=lr_mode, flip=flip, k=k, pool=pool, valid_pct=valid_pct)
+                 n_gen=n_gen, warmup=warmup, lr_mode=lr_mode, flip=flip, drop_blocks=drop_blocks, pool=pool, valid_pct=valid_pct)
     cfg = dict(config or {}, srgan=srgan, n_pretext=len(dls.train.dataset))
     pretrain(learn, epochs, lr=lr, run_dir=out, resume=resume, config=cfg, progress=progress)
-    if learn.epochs_done >= epochs:
-        save_encoder(learn.export_d_encoder(), Path(out) / 'encoder_d.pth', method='srgan', epochs=epochs)
+    if learn.run_state.epochs_done >= epochs:
+        save_encoder(srgan_d_encoder(learn.model.critic), Path(out) / 'encoder_d.pth', method='srgan', epochs=epochs)
     return learn
 
 # %% ../nbs/15_srgan.ipynb #0fd6b9d2

@@ -9,17 +9,19 @@ from functools import partial
 from pathlib import Path
 from typing import Sequence
 import torch, torch.nn as nn, torch.nn.functional as F
-from .data import FGDataset, read_dataset, labeled_dls, normalize  # first: it silences fastai's import-time warnings
+from .data import FGDataset, read_dataset, labeled_dls, normalize
 from fastai.callback.core import Callback
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
-from fastai.optimizer import Adam, SGD
 from fastai.torch_core import set_seed
 from .augment import RandResizedCrop, RandHFlip, ViewPipeline, tile_shuffle, random_tile_perms
 from .models import Encoder, create_encoder
 from .evaluate import resnet_stages, make_head, eval_mode
-from .learner import register_trainer, pretrain, resolve_precision, DeviceMixedPrecision, NaNGuard, RunCheckpoint
+from .registry import register_trainer
+from .learner import pretrain, build_learner
+from .runs import RunState
+from .optim import fast_adam, fast_sgd
 
 # %% auto #0
 __all__ = ['PMG_GRIDS', 'PMG_WEIGHTS', 'LabeledAugment', 'SupervisedModel', 'encoder_head_splitter', 'GroupLRMult',
@@ -68,17 +70,6 @@ class GroupLRMult(Callback):
         self.opt.set_hyper('lr', [lrs[-1] * self.mult] + lrs[1:])
 
 # %% ../nbs/16_supervised.ipynb #4538b3b4
-def _learner(dls, model, cbs, loss_func, opt_func, wd, metrics, method, lr, moms=None, precision='auto', run_dir=None) -> Learner:
-    dev = dls.device or torch.device('cpu')
-    prec = resolve_precision(precision, dev)
-    cbs = [*cbs, NaNGuard()] + ([DeviceMixedPrecision(amp_mode=prec)] if prec != 'fp32' else [])
-    if run_dir is not None: cbs.append(RunCheckpoint(run_dir))
-    learn = Learner(dls, model, loss_func=loss_func, opt_func=opt_func, splitter=encoder_head_splitter, wd=wd, cbs=cbs,
-                    metrics=metrics, path=run_dir or '.', model_dir='.')
-    learn.method, learn.precision, learn.default_lr = method, prec, lr
-    if moms is not None: learn.moms = moms  # else fastai's one-cycle default (0.95, 0.85, 0.95)
-    return learn
-
 def supervised_learner(dls, arch: str = 'resnet18', pretrained: bool = False, size: int | None = None,
                        head: str | nn.Module = 'linear', scale: tuple[float, float] = (0.5, 1.0), lr: float = 2e-3,
                        wd: float = 1e-2, encoder_lr_mult: float | None = None, precision: str = 'auto',
@@ -88,13 +79,14 @@ def supervised_learner(dls, arch: str = 'resnet18', pretrained: bool = False, si
     enc = create_encoder(arch, pretrained=pretrained)
     model = SupervisedModel(enc, make_head(enc.num_features, dls.c, head))
     mult = encoder_lr_mult if encoder_lr_mult is not None else (0.1 if pretrained else 1.0)
-    return _learner(dls, model, [LabeledAugment(size, scale), GroupLRMult(mult)], CrossEntropyLossFlat(), Adam, wd,
-                    [accuracy], 'supervised', lr, precision=precision, run_dir=run_dir)
+    return build_learner(dls, model, CrossEntropyLossFlat(), RunState(method='supervised', default_lr=lr),
+                         cbs=[LabeledAugment(size, scale), GroupLRMult(mult)], opt_func=fast_adam, splitter=encoder_head_splitter,
+                         wd=wd, metrics=[accuracy], precision=precision, run_dir=run_dir)
 
 # %% ../nbs/16_supervised.ipynb #43dda7cd
 def _merge_metrics(path: Path, new: dict) -> dict:
     "Update the JSON file `path` with `new` (other keys kept), atomically (a failed write: one line, `WriteError`)."
-    from fgssl_nb.learner import atomic_write_text
+    from fgssl_nb.runs import atomic_write_text
     old = json.loads(path.read_text()) if path.exists() else {}
     old.update(new)
     atomic_write_text(path, json.dumps(old, indent=1), hint='evaluate the run again (fgssl_eval)')
@@ -110,9 +102,9 @@ def _check_labeled(ds, bs: int):
 def _fit_run(learn: Learner, out, epochs: int, lr, resume: bool, progress, config: dict, names: Sequence[str]) -> Learner:
     "`pretrain` into `out`, then the metrics of `learn` on the test split into `out/metrics.json` under `names`."
     learn = pretrain(learn, epochs, lr=lr, run_dir=out, resume=resume, config=config, progress=progress)
-    if learn.epochs_done >= epochs:
+    if learn.run_state.epochs_done >= epochs:
         with learn.no_bar(), learn.no_logging(): vals = learn.validate()[1:]
-        _merge_metrics(Path(out) / 'metrics.json', dict({n: float(v) for n, v in zip(names, vals)}, method=learn.method))
+        _merge_metrics(Path(out) / 'metrics.json', dict({n: float(v) for n, v in zip(names, vals)}, method=learn.run_state.method))
     return learn
 
 # %% ../nbs/16_supervised.ipynb #fcc31715
@@ -135,7 +127,7 @@ def train_supervised(ds, out, *, arch: str = 'resnet18', pretrained: bool = Fals
     if cbs: learn.add_cbs(cbs)
     cfg = dict(config or {}, method='supervised', arch=arch, pretrained=pretrained, size=size, bs=bs, seed=seed,
                head=head, scale=scale, wd=wd, encoder_lr_mult=encoder_lr_mult, n_train=len(ds.train_idxs))
-    return _fit_run(learn, out, epochs, lr or learn.default_lr, resume, progress, cfg, ['supervised_top1'])
+    return _fit_run(learn, out, epochs, lr or learn.run_state.default_lr, resume, progress, cfg, ['supervised_top1'])
 
 # %% ../nbs/16_supervised.ipynb #b34cf350
 def conv_bn_relu(c_in: int, c_out: int, k: int) -> nn.Sequential:
@@ -238,29 +230,30 @@ class PMGCallback(LabeledAugment):
 # %% ../nbs/16_supervised.ipynb #6bb73920
 def pmg_learner(dls, arch: str = 'resnet18', pretrained: bool = False, size: int | None = None, width: float = 1.0,
                 scale: tuple[float, float] = (0.5, 1.0), lr: float = 2e-3, wd: float = 2e-3,
-                backbone_lr_mult: float | None = None, precision: str = 'auto', run_dir=None) -> Learner:
+                encoder_lr_mult: float | None = None, precision: str = 'auto', run_dir=None) -> Learner:
     "A fastai `Learner` training PMG (`PMGModel` on `arch`) on labelled `dls`: SGD momentum 0.9, summed stage losses."
     size = size or dls.one_batch()[0].shape[-1]
     model = PMGModel(create_encoder(arch, pretrained=pretrained), dls.c, width)
-    mult = backbone_lr_mult if backbone_lr_mult is not None else (0.1 if pretrained else 1.0)
-    return _learner(dls, model, [PMGCallback(size, scale), GroupLRMult(mult)], pmg_loss, partial(SGD, decouple_wd=False), wd, [pmg_top1, concat_top1],
-                    'pmg', lr, moms=(0.9, 0.9, 0.9), precision=precision, run_dir=run_dir)
+    mult = encoder_lr_mult if encoder_lr_mult is not None else (0.1 if pretrained else 1.0)
+    return build_learner(dls, model, pmg_loss, RunState(method='pmg', default_lr=lr), cbs=[PMGCallback(size, scale), GroupLRMult(mult)],
+                         opt_func=partial(fast_sgd, mom=0.9), splitter=encoder_head_splitter, wd=wd, moms=(0.9, 0.9, 0.9),
+                         metrics=[pmg_top1, concat_top1], precision=precision, run_dir=run_dir)
 
 @register_trainer('pmg')
 def train_pmg(ds, out, *, arch: str = 'resnet18', pretrained: bool = False, size: int = 64, bs: int = 16,
               epochs: int = 30, lr: float | None = None, seed: int = 0, resume: bool = False, precision: str = 'auto',
               workers: int | None = None, progress: bool | None = None, config: dict | None = None, views=None,
               width: float = 1.0, scale: tuple[float, float] = (0.5, 1.0), wd: float = 2e-3,
-              backbone_lr_mult: float | None = None, cbs: list | None = None) -> Learner:
+              encoder_lr_mult: float | None = None, cbs: list | None = None) -> Learner:
     "Train PMG on the labelled train split of `ds` into `out`; `metrics.json` gets `supervised_top1` (summed heads) and `pmg_concat_top1`."
     _no_views(views, 'pmg')
     if size % 8: raise ValueError(f"pmg needs --size divisible by 8 (its 8×8 jigsaw grid), got {size}")
     ds = _check_labeled(ds, bs)
     set_seed(seed, reproducible=True)
     dls = labeled_dls(ds, size=size, bs=bs, valid='test', seed=seed, num_workers=workers)
-    learn = pmg_learner(dls, arch, pretrained, size, width, scale, lr=lr or 2e-3, wd=wd, backbone_lr_mult=backbone_lr_mult,
+    learn = pmg_learner(dls, arch, pretrained, size, width, scale, lr=lr or 2e-3, wd=wd, encoder_lr_mult=encoder_lr_mult,
                         precision=precision, run_dir=out)
     if cbs: learn.add_cbs(cbs)
     cfg = dict(config or {}, method='pmg', arch=arch, pretrained=pretrained, size=size, bs=bs, seed=seed, width=width,
-               scale=scale, wd=wd, backbone_lr_mult=backbone_lr_mult, n_train=len(ds.train_idxs))
-    return _fit_run(learn, out, epochs, lr or learn.default_lr, resume, progress, cfg, ['supervised_top1', 'pmg_concat_top1'])
+               scale=scale, wd=wd, encoder_lr_mult=encoder_lr_mult, n_train=len(ds.train_idxs))
+    return _fit_run(learn, out, epochs, lr or learn.run_state.default_lr, resume, progress, cfg, ['supervised_top1', 'pmg_concat_top1'])

@@ -8,14 +8,15 @@ import contextlib, inspect, math, numbers
 import torch, torch.nn as nn, torch.nn.functional as F
 from fastai.callback.core import Callback
 from fastai.learner import Metric
-from .learner import SSLCallback, register_method
+from .learner import SSLMethod
+from .registry import register_method
 from .models import Encoder
 from .simclr import nt_xent
 from .moco import MoCo
 from .simsiam import SimSiam
 
 # %% auto #0
-__all__ = ['CRITERIA', 'NOISES', 'SYNTH_ARGS', 'SynthMoCo', 'SynthSimSiam', 'FeatureDecoder', 'recon_loss', 'resolve_k',
+__all__ = ['CRITERIA', 'NOISES', 'SYNTH_ARGS', 'SynthMoCo', 'SynthSimSiam', 'FeatureDecoder', 'recon_loss', 'resolve_n_dims',
            'low_variance_dims', 'FeatureStats', 'gradcam_dim_importance', 'select_dims', 'perturb', 'frozen_bn_stats',
            'SynthLoss', 'SynthPairs', 'add_synth_modules', 'synth_method', 'synth_overhead']
 
@@ -52,28 +53,28 @@ def recon_loss(rec: torch.Tensor, x: torch.Tensor, kind: str = 'mse') -> torch.T
     raise ValueError(f"rec_loss must be 'mse' or 'l1', got {kind!r}")
 
 # %% ../nbs/20_synth_pairs.ipynb #3fef252f
-def _check_k(k) -> int | float:
-    "`k` as an int (a count >= 1) or a float fraction in (0, 1); ValueError otherwise."
-    if not isinstance(k, bool) and isinstance(k, numbers.Real):
-        if float(k).is_integer() and k >= 1: return int(k)
-        if 0 < k < 1: return float(k)
-    raise ValueError(f"k must be a count >= 1 or a fraction in (0, 1), got {k!r}")
+def _check_n_dims(n_dims) -> int | float:
+    "`n_dims` as an int (a count >= 1) or a float fraction in (0, 1); ValueError otherwise."
+    if not isinstance(n_dims, bool) and isinstance(n_dims, numbers.Real):
+        if float(n_dims).is_integer() and n_dims >= 1: return int(n_dims)
+        if 0 < n_dims < 1: return float(n_dims)
+    raise ValueError(f"n_dims must be a count >= 1 or a fraction in (0, 1), got {n_dims!r}")
 
-def resolve_k(k: int | float, d: int) -> int:
-    "The number of dimensions meant by `k`: a count in [1, d], or a fraction of `d` in (0, 1) (rounded, at least 1)."
-    k = _check_k(k)
-    if isinstance(k, float): return max(1, round(k * d))
-    if k > d: raise ValueError(f"k={k} dimensions asked for, but the feature has {d}; use 1 <= k <= {d} or a fraction in (0, 1)")
-    return k
+def resolve_n_dims(n_dims: int | float, d: int) -> int:
+    "The number of dimensions meant by `n_dims`: a count in [1, d], or a fraction of `d` in (0, 1) (rounded, at least 1)."
+    n_dims = _check_n_dims(n_dims)
+    if isinstance(n_dims, float): return max(1, round(n_dims * d))
+    if n_dims > d: raise ValueError(f"n_dims={n_dims} dimensions asked for, but the feature has {d}; use 1 <= n_dims <= {d} or a fraction in (0, 1)")
+    return n_dims
 
 def _lowest(score: torch.Tensor, k: int) -> torch.Tensor:
     "Indices of the `k` smallest entries of `score`, in increasing order, ties -> lower index first."
     return torch.sort(score, stable=True).indices[:k]
 
-def low_variance_dims(h: torch.Tensor, k: int | float) -> torch.LongTensor:
-    "Indices of the `k` (count or fraction) columns of `h` (N, D) with the lowest variance, lowest first; ties -> lower index first."
+def low_variance_dims(h: torch.Tensor, n_dims: int | float) -> torch.LongTensor:
+    "Indices of the `n_dims` (count or fraction) columns of `h` (N, D) with the lowest variance, lowest first; ties -> lower index first."
     if h.ndim != 2 or len(h) < 2: raise ValueError(f"low_variance_dims needs an (N, D) matrix with N >= 2, got shape {tuple(h.shape)}")
-    return _lowest(h.detach().float().var(0, unbiased=False), resolve_k(k, h.shape[1]))
+    return _lowest(h.detach().float().var(0, unbiased=False), resolve_n_dims(n_dims, h.shape[1]))
 
 # %% ../nbs/20_synth_pairs.ipynb #643ad55a
 class FeatureStats(nn.Module):
@@ -114,18 +115,18 @@ def _ranks(score: torch.Tensor, tiebreak: torch.Tensor | None = None) -> torch.T
     r = torch.empty_like(order); r[order] = torch.arange(len(order), device=order.device)
     return r
 
-def select_dims(k: int | float, criterion: str = 'variance', var: torch.Tensor | None = None,
+def select_dims(n_dims: int | float, criterion: str = 'variance', var: torch.Tensor | None = None,
                 importance: torch.Tensor | None = None) -> torch.LongTensor:
-    "The `k` least discriminative dimensions by `criterion` ('variance', 'gradcam' or 'both' = rank sum), least first."
+    "The `n_dims` least discriminative dimensions by `criterion` ('variance', 'gradcam' or 'both' = rank sum), least first."
     if criterion not in CRITERIA: raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     if criterion in ('variance', 'both') and var is None: raise ValueError(f"criterion {criterion!r} needs the per-dimension variance `var`")
     if criterion in ('gradcam', 'both') and importance is None: raise ValueError(f"criterion {criterion!r} needs the Grad-CAM `importance`")
     d = len(var if var is not None else importance)
-    k = resolve_k(k, d)
-    if criterion == 'variance': return _lowest(var.float(), k)
+    n_dims = resolve_n_dims(n_dims, d)
+    if criterion == 'variance': return _lowest(var.float(), n_dims)
     rv = _ranks(var.float()) if var is not None else None
-    if criterion == 'gradcam': return _lowest(_ranks(importance.float(), rv), k)
-    return _lowest(_ranks((rv + _ranks(importance.float(), rv)).float(), rv), k)
+    if criterion == 'gradcam': return _lowest(_ranks(importance.float(), rv), n_dims)
+    return _lowest(_ranks((rv + _ranks(importance.float(), rv)).float(), rv), n_dims)
 
 # %% ../nbs/20_synth_pairs.ipynb #09809a18
 NOISES = ('gaussian', 'shuffle')
@@ -189,7 +190,7 @@ class SynthLoss(Metric):
 class SynthPairs(Callback):
     "Adds alpha * L_R + nu * L_Cp (decoder reconstruction + contrast of synthesized pairs) to the loss of the SSL method being trained."
     order, run_valid = 9, False
-    def __init__(self, criterion: str = 'variance', alpha: float = 1.0, nu: float = 1.0, k: int | float = 0.25,
+    def __init__(self, criterion: str = 'variance', alpha: float = 1.0, nu: float = 1.0, n_dims: int | float = 0.25,
                  noise: str = 'gaussian', noise_scale: float = 1.0, variance_source: str = 'ema', stats_momentum: float = 0.9,
                  rec_loss: str = 'mse', rec_to_encoder: bool = True, detach_decoder: bool = True, pair_temperature: float = 0.2,
                  decoder_lr_mult: float = 10.0):
@@ -202,8 +203,8 @@ class SynthPairs(Callback):
         if pair_temperature <= 0: raise ValueError(f"pair_temperature must be > 0, got {pair_temperature}")
         if noise_scale < 0: raise ValueError(f"noise_scale must be >= 0, got {noise_scale}")
         if decoder_lr_mult <= 0: raise ValueError(f"decoder_lr_mult must be > 0, got {decoder_lr_mult}")
-        k = _check_k(k)
-        self.criterion, self.alpha, self.nu, self.k, self.noise, self.noise_scale = criterion, alpha, nu, k, noise, noise_scale
+        n_dims = _check_n_dims(n_dims)
+        self.criterion, self.alpha, self.nu, self.n_dims, self.noise, self.noise_scale = criterion, alpha, nu, n_dims, noise, noise_scale
         self.variance_source, self.stats_momentum, self.rec_loss = variance_source, stats_momentum, rec_loss
         self.rec_to_encoder, self.detach_decoder, self.pair_temperature = rec_to_encoder, detach_decoder, pair_temperature
         self.decoder_lr_mult = decoder_lr_mult
@@ -241,7 +242,7 @@ class SynthPairs(Callback):
         "The dimensions to perturb for this batch (`h` with its graph, for Grad-CAM)."
         imp = gradcam_dim_importance(h, self.learn.loss_grad) if self.criterion != 'variance' else None
         self.last_importance = imp
-        self.last_dims = select_dims(self.k, self.criterion, var=var, importance=imp)
+        self.last_dims = select_dims(self.n_dims, self.criterion, var=var, importance=imp)
         return self.last_dims
 
     def after_loss(self):
@@ -250,7 +251,7 @@ class SynthPairs(Callback):
         self.feat, m = None, self.learn.model
         m.feat_stats.update(h, self.stats_momentum)
         if self.alpha == 0 and self.nu == 0: return
-        n = len(self.learn.yb[0])  # source images; the first n rows of xb (and of h) are the first view
+        n = self.learn.run_state.method_cb.n_images  # the first n rows of xb (and of h) are the first view
         x, h1 = self.learn.xb[0][:n], h[:n]
         rec = m.decoder(h1 if self.rec_to_encoder else h1.detach(), size=x.shape[-2:])
         l_r = recon_loss(rec, x, self.rec_loss)
@@ -294,20 +295,15 @@ def synth_method(base: type, name: str | None = None) -> type:
     "A method class: registered SSL method `base` + `SynthPairs`, named `name` (default 'synth-<base.name>')."
     class Synth(base):
         model_args = tuple(base.model_args) + ('decoder_width', 'decoder_size')
-        def __init__(self, views, **kwargs):
-            super().__init__(views, **{k: v for k, v in kwargs.items() if k not in SYNTH_ARGS})
+        wrapper_args = tuple(base.wrapper_args) + SYNTH_ARGS  # options of the SynthPairs callback
+        def __init__(self, pipelines, **kwargs):
+            super().__init__(pipelines, **{k: v for k, v in kwargs.items() if k not in SYNTH_ARGS})
             self.pairs_cb = SynthPairs(**{k: v for k, v in kwargs.items() if k in SYNTH_ARGS})
         @classmethod
         def make_model(cls, encoder: Encoder, dls=None, decoder_width: int = 256, decoder_size: int | None = None, **kwargs):
             m = super().make_model(encoder, dls, **kwargs)
             return add_synth_modules(m, encoder.num_features, decoder_size or _dls_size(dls) or 64, decoder_width)
         def extra_callbacks(self) -> list: return [*super().extra_callbacks(), self.pairs_cb]
-    # the signature lists the synth options (what `ssl_learner` and `method_options` read), the base's come from its own __init__
-    sp = inspect.signature(SynthPairs.__init__).parameters
-    Synth.__init__.__signature__ = inspect.Signature(
-        [inspect.Parameter('self', inspect.Parameter.POSITIONAL_OR_KEYWORD), inspect.Parameter('views', inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-        + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for n, p in sp.items() if n != 'self']
-        + [inspect.Parameter('kwargs', inspect.Parameter.VAR_KEYWORD)])
     Synth.name = name or f'synth-{base.name}'
     Synth.__name__ = Synth.__qualname__ = f'Synth{base.__name__}'
     Synth.__doc__ = f"{base.__name__} + synthesized pairs: L = L_C + alpha L_R + nu L_Cp (see `SynthPairs`)."
@@ -342,14 +338,14 @@ def _made_dls(n: int, size: int, bs: int, device=None, seed: int = 0):
 def synth_overhead(method: str = 'moco', size: int = 64, bs: int = 64, steps: int = 5, skip: int = 2,
                    arch: str = 'resnet18', precision: str = 'auto', device=None, **kwargs) -> dict:
     "Training images/s of `method` and of 'synth-<method>' (same made tensors, `steps` timed batches after `skip`), and `ratio` = synth time / base time."
-    from fgssl_nb.bench import _timed_fit
+    from fgssl_nb.bench import timed_fit
     from fgssl_nb.learner import ssl_learner
     dls = _made_dls(bs * (steps + skip), size, bs, device)
     base_kw = {k: v for k, v in kwargs.items() if k not in SYNTH_ARGS and k not in ('decoder_width', 'decoder_size')}
     out = dict(method=method, size=size, bs=bs)
     for key, m, kw in (('base', method, base_kw), ('synth', f'synth-{method}', kwargs)):
         learn = ssl_learner(dls, m, arch=arch, size=size, precision=precision, **kw)
-        out[key] = _timed_fit(learn, steps, skip)
-        out['precision'] = learn.precision
+        out[key] = timed_fit(learn, steps, skip)
+        out['precision'] = learn.run_state.precision
     out['ratio'] = out['base'] / out['synth']
     return out

@@ -431,8 +431,8 @@ def test_variant_recipes_second_view_is_simclr_then_variant_then_normalise(name,
 
 def test_variant_recipe_kwargs_reach_variant_and_simclr():
     assert get_views('gamma', 32, gamma=(1.0, 1.2))[1].tfms[-1].gamma == (1.0, 1.2)
-    d = get_views('dcl', 32, grid=3, k=1)[1].tfms[-1]
-    assert (d.n, d.k) == (3, 1)
+    d = get_views('dcl', 32, grid=3, radius=1)[1].tfms[-1]
+    assert (d.n, d.radius) == (3, 1)
     assert get_views('jigsaw', 32, grid=2)[1].tfms[-1].n == 2
     assert get_views('dropout', 32, n_holes=[1, 2])[1].tfms[-1].n_holes == (1, 2)
     assert get_views('regions', 32, centre=False)[1].tfms[-1].centre is False
@@ -445,6 +445,6 @@ def test_variant_recipe_kwargs_reach_variant_and_simclr():
 def test_variant_bad_arguments():
     with pytest.raises(ValueError, match='larger than the image'): RandJigsaw(8)(torch.rand(2, 3, 6, 6))
     with pytest.raises(ValueError, match='grid size n must be a positive int'): LocalJigsaw(0)
-    with pytest.raises(ValueError, match='neighbourhood k must be >= 0'): LocalJigsaw(7, -1)
+    with pytest.raises(ValueError, match='neighbourhood radius must be >= 0'): LocalJigsaw(7, -1)
     with pytest.raises(ValueError, match='frac must satisfy'): CroppedRegion((0.0, 0.5))
     with pytest.raises(ValueError, match='hole_frac must be a'): CoarseDropout(hole_frac=0.1)

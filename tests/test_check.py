@@ -10,8 +10,8 @@ from fastai.learner import Learner
 from fgssl_nb import data as fgdata
 from fgssl_nb.data import read_dataset, AnnotationError
 from fgssl_nb.check import preflight, check_for_run, PreflightError, check_images
-from fgssl_nb.learner import (WriteError, atomic_save, atomic_write_text, append_line, RunCheckpoint, RunCSVLogger,
-                              export_checkpoint, resume_from_checkpoint, pretrain, ssl_learner)
+from fgssl_nb.runs import WriteError, atomic_save, atomic_write_text, append_line, RunCheckpoint, RunCSVLogger, export_checkpoint, resume_from_checkpoint
+from fgssl_nb.learner import pretrain, ssl_learner
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

@@ -37,7 +37,7 @@ def test_write_error_stops_the_grid(birds, tmp_path, monkeypatch):
     "A full disk is not one failed entry among others: the grid stops at once with that error, nothing recorded as failed."
     import pytest
     from fgssl_nb import compare
-    from fgssl_nb.learner import WriteError
+    from fgssl_nb.runs import WriteError
     calls = []
     def full(e, *a, **k):
         calls.append(e['name']); raise WriteError(f"could not write {tmp_path}/x/checkpoint.pth: No space left on device")

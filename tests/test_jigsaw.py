@@ -12,7 +12,9 @@ from fastai.learner import CancelFitException
 from fastai.torch_core import set_seed
 from fgssl_nb.augment import RandColorJitter, RandGrayscale
 from fgssl_nb.data import read_dataset, ssl_dls, normalize
-from fgssl_nb.learner import ssl_learner, pretrain, load_encoder, get_method
+from fgssl_nb.learner import ssl_learner, pretrain
+from fgssl_nb.runs import load_encoder
+from fgssl_nb.registry import get_method
 from fgssl_nb.models import create_encoder
 from fgssl_nb.jigsaw import (hamming_permutations, pairwise_hamming, permutation_set, save_permutations, load_permutations,
                              tile_geometry, JigsawTiles, JigsawNet, Jigsaw, perm_acc, puzzle_accuracy)
@@ -154,7 +156,7 @@ def test_method_registered_and_configured(birds):
     assert get_method('jigsaw') is Jigsaw
     learn = _learner(birds, None, n_perms=12, grid=3, dropout=0.3)
     assert learn.model.head[1].out_features == 12 and learn.model.head[0].p == 0.3 and len(learn.model.perms) == 12
-    assert learn.moms == (0.9, 0.9, 0.9) and learn.default_lr == 1e-2 and learn.wd == 5e-4
+    assert learn.moms == (0.9, 0.9, 0.9) and learn.run_state.default_lr == 1e-2 and learn.wd == 5e-4
     assert [c.max_norm for c in learn.cbs if isinstance(c, GradientClip)] == [4.0]
     with pytest.raises(ValueError, match='takes no views'): Jigsaw.default_views(32, 'simclr')
     with pytest.raises(ValueError, match='grid must be 2 or 3'): _learner(birds, None, grid=4)
@@ -186,11 +188,11 @@ def test_resume_gives_identical_weights(birds, tmp_path):
 def test_tiny_run_learns(birds):
     "20 short epochs at 48 px, 4 permutations: fresh puzzles of the training images are solved well above chance (25%)."
     learn = _learner(birds, None, size=48, bs=8, n_perms=4, dropout=0.0)
-    learn.fit_one_cycle(20, learn.default_lr, moms=learn.moms)
+    learn.fit_one_cycle(20, learn.run_state.default_lr, moms=learn.moms)
     losses = [v[0] for v in learn.recorder.values]
     assert losses[-1] < losses[0], losses
     x = torch.cat([b[0] for b in learn.dls.train.new(shuffle=False, drop_last=False)]).as_subclass(torch.Tensor)
-    acc = puzzle_accuracy(learn.model, learn.ssl_cb.tiler, x, draws=5)
+    acc = puzzle_accuracy(learn.model, learn.run_state.method_cb.tiler, x, draws=5)
     assert acc > 0.4, acc
 
 

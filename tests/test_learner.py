@@ -9,23 +9,75 @@ from fastai.callback.core import Callback
 from fastai.learner import CancelFitException
 from fastai.torch_core import set_seed
 from fgssl_nb.data import read_dataset, ssl_dls
-from fgssl_nb.learner import ssl_learner, pretrain, load_encoder
+from fgssl_nb.learner import ssl_learner, pretrain, SSLMethod
+from fgssl_nb.registry import method_names, get_method, register_method, read_registry, method_options
+from fgssl_nb.runs import load_encoder
 from fgssl_nb.models import create_encoder, WeightsUnavailable
 
 BIN = Path(sys.executable).parent
 SMALL = dict(proj_hidden=32, proj_dim=16)
 
 
-def _learner(birds, method, run_dir, precision='fp32'):
+def _learner(birds, method, run_dir, precision='fp32', **kw):
     set_seed(0)
     dls = ssl_dls(read_dataset(birds), size=32, bs=4, num_workers=0)
-    kw = SMALL if method in ('moco', 'byol') else dict(proj_dim=16) if method == 'simsiam' else dict(proj_hidden=32, proj_dim=16)
-    return ssl_learner(dls, method, arch='resnet18', run_dir=run_dir, precision=precision, **kw)
+    cls = get_method(method)
+    small = {k: v for k, v in SMALL.items() if k in cls.model_args}  # a small head where the method has these options
+    return ssl_learner(dls, method, arch='resnet18', run_dir=run_dir, precision=precision, **small, **kw)
+
+# every registered method whose inputs are a recipe's views (jigsaw and the synth-* wrappers have tests of their own)
+VIEW_METHODS = [m for m in method_names('ssl') if get_method(m).takes_views() and not m.startswith('synth-')]
 
 
+def test_registry_lists_every_method_and_each_fulfils_the_contract():
+    reg = read_registry()
+    assert {'simclr', 'moco', 'simsiam', 'byol', 'jigsaw', 'synth-moco', 'synth-simsiam'} <= set(method_names('ssl'))
+    assert {'srgan', 'supervised', 'pmg'} == set(method_names('trainer'))
+    for name in method_names('ssl'):
+        cls = get_method(name)
+        assert cls.name == name and issubclass(cls, SSLMethod) and reg[name][0] in cls.__module__
+        cls.check_contract()  # raises on any gap
+        assert method_options(cls) >= set(cls.model_args)
 
 
-@pytest.mark.parametrize('method', ['simclr', 'moco', 'simsiam', 'byol'])
+def test_contract_error_names_everything_missing():
+    class Half(SSLMethod):
+        name, lr, view_recipe = 'half', -1, 'no-such-recipe'
+        def __init__(self, views): super().__init__(views)
+    with pytest.raises(TypeError) as e: register_method(Half)
+    msg = str(e.value)
+    for part in ('make_model', 'loss(self, pred', '`lr` must be a number > 0', "'no-such-recipe'", 'take `pipelines` first'):
+        assert part in msg, part
+    assert 'half' not in method_names()
+    with pytest.raises(ValueError, match='choose from'): get_method('half')
+
+
+def test_importing_the_package_sets_no_warning_filter():
+    code = ("import warnings, fastai.vision.all, kornia; before = list(warnings.filters)\n"
+            "import fgssl_nb.learner, fgssl_nb.simclr, fgssl_nb.synth, fgssl_nb.srgan, fgssl_nb.cli, fgssl_nb.compare\n"
+            "assert list(warnings.filters) == before, [f for f in warnings.filters if f not in before]")
+    subprocess.run([sys.executable, '-c', code], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize('method', [m for m in VIEW_METHODS if get_method(m).multicrop])
+def test_multicrop_trains_one_forward_per_size(birds, method):
+    learn = _learner(birds, method, None, local_views=2)
+    cb = learn.run_state.method_cb
+    assert [p.local for p in cb.pipelines] == [False, False, True, True] and cb.n_global == 2
+    sizes = []
+    learn.model.encoder.register_forward_hook(lambda m, i, o: sizes.append(tuple(i[0].shape)))
+    before = [p.detach().clone() for p in learn.model.encoder.parameters()]
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    assert (8, 3, 32, 32) in sizes and (8, 3, 16, 16) in sizes  # 2 global views of 4 images at 32 px, 2 local at 16 px
+    assert np.isfinite(learn.recorder.losses[-1].item())
+    assert any(not torch.equal(a, b) for a, b in zip(before, learn.model.encoder.parameters()))
+
+
+def test_local_views_refused_where_the_loss_has_no_multicrop(birds):
+    with pytest.raises(ValueError, match='takes no local views'): _learner(birds, 'moco', None, local_views=2)
+
+
+@pytest.mark.parametrize('method', VIEW_METHODS)
 def test_resume_gives_identical_weights(birds, tmp_path, method):
     a = pretrain(_learner(birds, method, tmp_path / 'a'), 3, run_dir=tmp_path / 'a', progress=False)
     b = _learner(birds, method, tmp_path / 'b'); b.add_cb(StopAfter(1))
@@ -64,7 +116,7 @@ class DtypeProbe(Callback):
 def test_cpu_mixed_precision_is_really_on(birds, tmp_path, precision, dtype):
     learn = _learner(birds, 'simclr', None, precision=precision); learn.add_cb(DtypeProbe())
     learn.fit(1)
-    assert learn.seen == dtype and learn.precision == precision
+    assert learn.seen == dtype and learn.run_state.precision == precision
 
 
 def test_encoder_round_trip(birds, tmp_path):
@@ -179,7 +231,7 @@ def test_small_pool_bad_bs_one_line(birds, tmp_path):
 
 def test_fast_optimisers_follow_the_textbook_update():
     "fast_adam / fast_sgd against Adam (decoupled decay) and SGD with momentum + L2 written out by hand, lr and beta1 changing per step."
-    from fgssl_nb.learner import fast_adam, fast_sgd
+    from fgssl_nb.optim import fast_adam, fast_sgd
     g = np.random.default_rng(0)
     w0, grads = g.normal(size=5), g.normal(size=(4, 5))
     lrs, moms, sqr_mom, eps, wd = [0.1, 0.2, 0.05, 0.1], [0.95, 0.9, 0.85, 0.9], 0.99, 1e-5, 0.03
@@ -228,7 +280,7 @@ def test_old_fastai_optimiser_checkpoint_is_one_clear_error(birds, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 def test_cuda_resume_puts_optimiser_state_on_the_device(birds, tmp_path):
-    from fgssl_nb.learner import resume_from_checkpoint
+    from fgssl_nb.runs import resume_from_checkpoint
     b = _learner(birds, 'simclr', tmp_path / 'c', precision='auto'); b.add_cb(StopAfter(1))
     pretrain(b, 2, run_dir=tmp_path / 'c', progress=False)
     c = _learner(birds, 'simclr', tmp_path / 'c', precision='auto')

@@ -9,7 +9,9 @@ from fastai.callback.core import Callback
 from fastai.learner import CancelFitException
 from fastai.torch_core import set_seed
 from fgssl_nb.data import read_dataset, ssl_dls, normalize, denormalize
-from fgssl_nb.learner import pretrain, load_encoder, get_method
+from fgssl_nb.learner import pretrain
+from fgssl_nb.runs import load_encoder
+from fgssl_nb.registry import get_method
 from fgssl_nb.models import create_encoder
 from fgssl_nb.srgan import (SRResNet, Discriminator, downsample, content_mse, srgan_gen_loss, srgan_crit_loss, psnr,
                             srgan_learner, train_srgan, srgan_g_encoder, srgan_d_encoder, SRGANClassifier,
@@ -88,6 +90,10 @@ def test_each_step_trains_exactly_one_network(birds):
     assert all(g == gm and c == (not gm) for gm, g, c in w.log), w.log
     learn.remove_cb(FrozenNoStep)
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[w])
+    assert not any(g and not gm for gm, g, _ in w.log), "torch's fused Adam skips parameters without a gradient"
+    from fastai.optimizer import Adam
+    learn.opt_func, learn.opt = Adam, None  # fastai's Python Adam steps the frozen half too (momentum on zero gradients)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[w])
     assert any(g and not gm for gm, g, _ in w.log), 'without FrozenNoStep the frozen generator moves (the reason for it)'
 
 
@@ -132,13 +138,13 @@ def test_resume_gives_identical_weights(birds, tmp_path):
 def test_trainer_run_folder_and_encoders(birds, tmp_path):
     "The registered trainer writes the run folder; both encoders round-trip through load_encoder and equal the trained nets."
     assert get_method('srgan') is train_srgan
-    learn = train_srgan(read_dataset(birds), tmp_path, size=32, bs=4, epochs=1, workers=0, progress=False, k=1, pool=2,
+    learn = train_srgan(read_dataset(birds), tmp_path, size=32, bs=4, epochs=1, workers=0, progress=False, drop_blocks=1, pool=2,
                         n_blocks=3, nf=16, d_nf=8, precision='fp32', config=dict(method='srgan'))
     assert {'config.json', 'log.csv', 'checkpoint.pth', 'encoder.pth', 'encoder_d.pth'} <= {p.name for p in tmp_path.iterdir()}
     cfg = json.loads((tmp_path / 'config.json').read_text())
-    assert cfg['method'] == 'srgan' and cfg['srgan']['n_blocks'] == 3 and cfg['srgan']['k'] == 1
+    assert cfg['method'] == 'srgan' and cfg['srgan']['n_blocks'] == 3 and cfg['srgan']['drop_blocks'] == 1
     g, d = load_encoder(tmp_path / 'encoder.pth').eval(), load_encoder(tmp_path / 'encoder_d.pth').eval()
-    assert g.arch == 'srgan_g' and g.arch_kwargs == dict(n_blocks=3, k=1, nf=16, down=4, pool=2, lr_mode='bicubic')
+    assert g.arch == 'srgan_g' and g.arch_kwargs == dict(n_blocks=3, drop_blocks=1, nf=16, down=4, pool=2, lr_mode='bicubic')
     assert g.num_features == 64 and len(g.blocks) == 2 and d.num_features == 1024
     G, D = learn.model.generator.eval(), learn.model.critic.eval()
     hr = torch.rand(2, 3, 32, 32)
@@ -159,7 +165,7 @@ def test_head_lessons(birds):
     with torch.no_grad():  # non-trivial BN statistics, so 'unchanged' means something
         for m in g.modules():
             if isinstance(m, nn.BatchNorm2d): m.running_mean.uniform_(-.5, .5); m.running_var.uniform_(.5, 2)
-    enc = srgan_g_encoder(g, k=1)
+    enc = srgan_g_encoder(g, drop_blocks=1)
     clf = SRGANClassifier(enc, 4, dropout=0.5, in_size=32)
     x = normalize(torch.rand(3, 3, 32, 32))
     with torch.no_grad():
@@ -185,7 +191,7 @@ def test_bad_arguments(birds, tmp_path):
     ds = read_dataset(birds)
     with pytest.raises(ValueError, match='multiple of the SR scale 4'): train_srgan(ds, tmp_path, size=30, epochs=1)
     with pytest.raises(ValueError, match='drop --pretrained'): train_srgan(ds, tmp_path, pretrained=True, epochs=1)
-    with pytest.raises(ValueError, match=r'k \(residual blocks dropped'): srgan_learner(_dls(birds), n_blocks=2, k=2)
+    with pytest.raises(ValueError, match=r'drop_blocks \(residual blocks dropped'): srgan_learner(_dls(birds), n_blocks=2, drop_blocks=2)
     with pytest.raises(ValueError, match='power of 2'): SRResNet(scale=3)
     with pytest.raises(ValueError, match='srgan_g or srgan_d'): srgan_head_eval(create_encoder('resnet18'), ds, size=32)
     with pytest.raises(ValueError, match='fgssl_pretrain --method srgan'): create_encoder('srgan_g', pretrained=True)

@@ -10,7 +10,8 @@ from fastai.torch_core import set_seed
 from fgssl_nb.augment import tile_shuffle
 from fgssl_nb.data import read_dataset, labeled_dls, normalize
 from fgssl_nb.evaluate import eval_dl
-from fgssl_nb.learner import load_encoder, get_method, method_names
+from fgssl_nb.runs import load_encoder
+from fgssl_nb.registry import get_method, method_names
 from fgssl_nb.models import create_encoder
 from fgssl_nb.supervised import (PMGModel, PMGCallback, LabeledAugment, pmg_loss, pmg_predict, pmg_top1, concat_top1,
                                  supervised_learner, pmg_learner, train_supervised, train_pmg)

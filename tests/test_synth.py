@@ -7,9 +7,10 @@ from fastai.callback.core import Callback
 from fastai.learner import CancelFitException
 from fastai.torch_core import set_seed
 from fgssl_nb.data import read_dataset, ssl_dls
-from fgssl_nb.learner import ssl_learner, pretrain, get_method, method_options
+from fgssl_nb.learner import ssl_learner, pretrain
+from fgssl_nb.registry import get_method, method_options
 from fgssl_nb.synth import (FeatureDecoder, FeatureStats, SynthPairs, frozen_bn_stats, gradcam_dim_importance,
-                            low_variance_dims, perturb, recon_loss, resolve_k, select_dims, synth_overhead)
+                            low_variance_dims, perturb, recon_loss, resolve_n_dims, select_dims, synth_overhead)
 
 SMALL = dict(moco=dict(proj_hidden=32, proj_dim=16), simsiam=dict(proj_dim=16))
 
@@ -48,13 +49,13 @@ def test_low_variance_dims_constructed_matrix():
     assert low_variance_dims(H[:, perm], 2).tolist() == [perm.tolist().index(6), perm.tolist().index(3)]
 
 
-@pytest.mark.parametrize('k,msg', [(0, 'a count >= 1'), (8, 'the feature has 7'), (1.5, 'fraction in (0, 1)'), (True, 'k must be'), ('3', 'k must be')])
-def test_resolve_k_bad(k, msg):
-    with pytest.raises(ValueError, match=msg.replace('(', r'\(').replace(')', r'\)')): resolve_k(k, 7)
+@pytest.mark.parametrize('k,msg', [(0, 'a count >= 1'), (8, 'the feature has 7'), (1.5, 'fraction in (0, 1)'), (True, 'n_dims must be'), ('3', 'n_dims must be')])
+def test_resolve_n_dims_bad(k, msg):
+    with pytest.raises(ValueError, match=msg.replace('(', r'\(').replace(')', r'\)')): resolve_n_dims(k, 7)
 
 
-def test_resolve_k():
-    assert (resolve_k(0.25, 512), resolve_k(1e-4, 512), resolve_k(3, 512), resolve_k(512, 512), resolve_k(3.0, 512)) == (128, 1, 3, 512, 3)
+def test_resolve_n_dims():
+    assert (resolve_n_dims(0.25, 512), resolve_n_dims(1e-4, 512), resolve_n_dims(3, 512), resolve_n_dims(512, 512), resolve_n_dims(3.0, 512)) == (128, 1, 3, 512, 3)
 
 
 def _fd_importance(h, loss_fn, eps=1e-6):
@@ -176,11 +177,11 @@ def test_registered_with_options():
     for base in ('moco', 'simsiam'):
         cls = get_method(f'synth-{base}')
         assert issubclass(cls, get_method(base)) and cls.name == f'synth-{base}'
-        assert {'criterion', 'alpha', 'nu', 'k', 'noise', 'noise_scale', 'decoder_width'} <= method_options(cls)
+        assert {'criterion', 'alpha', 'nu', 'n_dims', 'noise', 'noise_scale', 'decoder_width'} <= method_options(cls)
         assert method_options(get_method(base)) <= method_options(cls)
 
 
-@pytest.mark.parametrize('kw,msg', [(dict(criterion='entropy'), 'criterion must be one of'), (dict(k=0), 'k must be'),
+@pytest.mark.parametrize('kw,msg', [(dict(criterion='entropy'), 'criterion must be one of'), (dict(n_dims=0), 'n_dims must be'),
                                     (dict(noise='uniform'), 'noise must be one of'), (dict(alpha=-1.), 'alpha and nu'),
                                     (dict(kk=3), 'has no option kk')])
 def test_bad_options_one_line(birds, kw, msg):
@@ -222,7 +223,7 @@ def test_detach_decoder(birds, detach):
 
 
 def test_gradcam_criterion_in_the_learner(birds):
-    learn = _learner(birds, 'synth-moco', criterion='gradcam', k=3)
+    learn = _learner(birds, 'synth-moco', criterion='gradcam', n_dims=3)
     dead = [7, 200, 411]
     with torch.no_grad(): learn.model.projector[0].weight[:, dead] = 0   # the loss cannot read these dims
     _steps(learn, 1)
@@ -232,7 +233,7 @@ def test_gradcam_criterion_in_the_learner(birds):
 
 
 def test_synth_moco_exact_resume(birds, tmp_path):
-    kw = dict(criterion='both', k=0.1, noise='shuffle')
+    kw = dict(criterion='both', n_dims=0.1, noise='shuffle')
     a = pretrain(_learner(birds, 'synth-moco', tmp_path / 'a', **kw), 2, run_dir=tmp_path / 'a', progress=False)
     b = _learner(birds, 'synth-moco', tmp_path / 'b', **kw); b.add_cb(StopAfter(1))
     pretrain(b, 2, run_dir=tmp_path / 'b', progress=False)
