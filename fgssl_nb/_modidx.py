@@ -672,4 +672,12 @@ d = { 'settings': { 'branch': 'main',
                                    'fgssl_nb.toybirds.make_toybirds': ('toybirds.html#make_toybirds', 'fgssl_nb/toybirds.py'),
                                    'fgssl_nb.toybirds.render_bird': ('toybirds.html#render_bird', 'fgssl_nb/toybirds.py'),
                                    'fgssl_nb.toybirds.species_names': ('toybirds.html#species_names', 'fgssl_nb/toybirds.py'),
-                                   'fgssl_nb.toybirds.species_traits': ('toybirds.html#species_traits', 'fgssl_nb/toybirds.py')}}}
+                                   'fgssl_nb.toybirds.species_traits': ('toybirds.html#species_traits', 'fgssl_nb/toybirds.py')},
+            'fgssl_nb.vicreg': { 'fgssl_nb.vicreg.VICReg': ('vicreg.html#vicreg', 'fgssl_nb/vicreg.py'),
+                                 'fgssl_nb.vicreg.VICReg.__init__': ('vicreg.html#vicreg.__init__', 'fgssl_nb/vicreg.py'),
+                                 'fgssl_nb.vicreg.VICReg.loss': ('vicreg.html#vicreg.loss', 'fgssl_nb/vicreg.py'),
+                                 'fgssl_nb.vicreg.VICReg.make_model': ('vicreg.html#vicreg.make_model', 'fgssl_nb/vicreg.py'),
+                                 'fgssl_nb.vicreg.off_diagonal': ('vicreg.html#off_diagonal', 'fgssl_nb/vicreg.py'),
+                                 'fgssl_nb.vicreg.vicreg_loss': ('vicreg.html#vicreg_loss', 'fgssl_nb/vicreg.py'),
+                                 'fgssl_nb.vicreg.vicreg_terms': ('vicreg.html#vicreg_terms', 'fgssl_nb/vicreg.py'),
+                                 'fgssl_nb.vicreg.vicreg_total': ('vicreg.html#vicreg_total', 'fgssl_nb/vicreg.py')}}}
