@@ -11,11 +11,16 @@ from fastcore.script import call_parse, Param, store_true
 # torch, fastai and the data code are imported inside the functions: `fgssl_bench --help` answers at once
 
 # %% auto #0
-__all__ = ['STEP_PARTS', 'model_throughput', 'loader_throughput', 'bench_loader', 'format_rows', 'timed_fit',
+__all__ = ['STEP_PARTS', 'view_methods', 'model_throughput', 'loader_throughput', 'bench_loader', 'format_rows', 'timed_fit',
            'plain_fp32_throughput', 'bench_methods', 'fgssl_bench', 'step_parts', 'bare_parts', 'bench_parts',
            'bench_eval', 'bench_fp32']
 
 # %% ../nbs/90_bench.ipynb #b09c470f
+def view_methods() -> list[str]:
+    "The registered SSL methods whose inputs are a recipe's two views (not jigsaw's tiles, not a synth-* wrapper): what the method benchmarks compare by default."
+    from fgssl_nb.registry import method_names, get_method
+    return [m for m in method_names('ssl') if get_method(m).takes_views() and not m.startswith('synth-')]
+
 def _sync(device):
     import torch
     if device.type == 'cuda': torch.cuda.synchronize()
@@ -150,7 +155,7 @@ def bench_methods(methods=None, data='default', size: int = 64, bs: int = 64,
     from fgssl_nb.data import read_dataset, ssl_dls
     from fgssl_nb.learner import ssl_learner
     from fgssl_nb.registry import method_names
-    methods = list(methods or method_names('ssl'))  # default: every registered SSL method
+    methods = list(methods or view_methods())
     from fgssl_nb.precision import resolve_precision
     ds = read_dataset(data)
     dls = ssl_dls(ds, size=size, bs=bs, valid_pct=0.02, num_workers=workers)
@@ -293,7 +298,7 @@ def bench_parts(methods=None, data='default', size: int = 64, bs: int = 64,
     from fgssl_nb.data import read_dataset, ssl_dls
     from fgssl_nb.learner import ssl_learner
     from fgssl_nb.registry import method_names
-    methods = list(methods or method_names('ssl'))  # default: every registered SSL method
+    methods = list(methods or view_methods())
     from fgssl_nb.precision import resolve_precision
     dls = ssl_dls(read_dataset(data), size=size, bs=bs, valid_pct=0.02, num_workers=workers)
     for _ in dls.train: pass  # steady state: the decoded-image cache is full

@@ -20,7 +20,7 @@ __all__ = ['CACHE_VERSION', 'cache_file', 'check_images', 'PreflightReport', 'pr
 # %% ../nbs/04_check.ipynb #a190fbeb
 def _cub_entries(root: Path, layout: str, kw: dict) -> tuple[list, list, int]:
     "CUB layout: all annotation problems (missing image files named with their images.txt line) and `(path, box, split)` per image."
-    from fgssl_nb.data import cub_tables, _unlabeled
+    from fgssl_nb.data import cub_tables, unlabeled_files
     crop = bool(kw.get('crop_to_box'))
     t = cub_tables(root, boxes=True if crop else False)
     problems, entries = list(t.problems), []
@@ -29,7 +29,7 @@ def _cub_entries(root: Path, layout: str, kw: dict) -> tuple[list, list, int]:
             problems.append(f"{root / 'images.txt'}:{t.lines[k]}: {p} does not exist; restore the file or delete the line"); continue
         split = {True: 'train', False: 'test'}.get(t.is_train[k], 'train or test')
         entries.append((p, t.boxes[k] if crop and t.boxes else None, split))
-    return problems, entries + [(p, None, 'unlabeled') for p in _unlabeled(root)], 0
+    return problems, entries + [(p, None, 'unlabeled') for p in unlabeled_files(root)], 0
 
 def _reader_entries(root: Path, layout: str, kw: dict) -> tuple[list, list, int]:
     "Other layouts: the reader's problem (it stops at the first) and its images; failing that, every image file under `root`."
@@ -150,13 +150,13 @@ class PreflightError(ValueError):
 
 def drop_images(ds, paths):
     "A copy of data set `ds` without the images at `paths` (labelled or unlabelled); refuses to leave a class empty."
-    from fgssl_nb.data import FGDataset, _check_classes
+    from fgssl_nb.data import FGDataset, check_classes
     drop = {str(p) for p in paths}
     keep = np.array([str(p) not in drop for p in ds.items], bool)
     out = FGDataset([p for p, k in zip(ds.items, keep) if k], ds.labels[keep], ds.is_train[keep], ds.classes, ds.layout,
                     ds.root, [p for p in ds.unlabeled if str(p) not in drop], None if ds.boxes is None else ds.boxes[keep],
                     ds.trim_bottom)
-    _check_classes(out.labels, out.classes, f"{ds.root} without its {len(drop)} unreadable image(s)")
+    check_classes(out.labels, out.classes, f"{ds.root} without its {len(drop)} unreadable image(s)")
     return out
 
 def run_info(ds, bad_images: dict) -> dict:

@@ -13,16 +13,16 @@ from .registry import method_names  # reads fgssl_nb/methods.txt: no method is i
 # torch and fastai (through fgssl_nb.data) are imported inside the functions: every `--help` answers at once
 
 # %% auto #0
-__all__ = ['REF_BS', 'EVAL_PROTOCOLS', 'METRIC_COLS', 'die', 'save_batch_grid', 'data_summary', 'lr_rule', 'scale_lr',
-           'pretrain_run', 'parse_kw', 'fgssl_pretrain', 'evaluate_run', 'fgssl_eval', 'results_table', 'demo_views',
-           'demo', 'fgssl_demo']
+__all__ = ['REF_BS', 'RENAMED', 'EVAL_PROTOCOLS', 'METRIC_COLS', 'die', 'user_errors', 'save_batch_grid', 'data_summary',
+           'lr_rule', 'scale_lr', 'renamed_options', 'pretrain_run', 'parse_kw', 'fgssl_pretrain', 'evaluate_run',
+           'fgssl_eval', 'results_table', 'demo_views', 'demo', 'fgssl_demo']
 
 # %% ../nbs/40_cli.ipynb #cd34b558
 def die(msg: str):
     "Stop a command with one clear line on stderr and exit status 2."
     print(f"error: {msg}", file=sys.stderr); raise SystemExit(2)
 
-def _user_errors() -> tuple:
+def user_errors() -> tuple:
     "Exceptions whose message is written for the user: shown as one line, no traceback."
     from fgssl_nb.data import ImageError
     from fgssl_nb.models import WeightsUnavailable
@@ -81,6 +81,15 @@ def scale_lr(lr: float, bs: int, ref_bs: int = REF_BS, rule: str = 'linear') -> 
     r = bs / ref_bs
     return lr * (r if rule == 'linear' else r ** 0.5)
 
+RENAMED = {'n_dims': ('k', 'synth-'), 'drop_blocks': ('k', 'srgan'), 'encoder_lr_mult': ('backbone_lr_mult', 'pmg')}
+
+def renamed_options(method: str, options: dict) -> dict:
+    "`options` with the old names of renamed method options replaced (synth-* `k` -> `n_dims`, srgan `k` -> `drop_blocks`, pmg `backbone_lr_mult` -> `encoder_lr_mult`)."
+    out = dict(options)
+    for new, (old, prefix) in RENAMED.items():
+        if method.startswith(prefix) and old in out and new not in out: out[new] = out.pop(old)
+    return out
+
 def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18', pretrained: bool = False, size: int = 64,
                  bs: int = 64, epochs: int = 20, lr: float | None = None, seed: int = 0, out='runs/run', resume: bool = False,
                  views: str | None = None, precision: str = 'auto', workers: int | None = None, knn: bool = True,
@@ -94,12 +103,14 @@ def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18',
     from fgssl_nb.data import labeled_dls, ssl_dls
     from fgssl_nb.check import check_for_run
     get_method(method)  # fail early on a typo
+    method_kwargs = renamed_options(method, method_kwargs)  # old option names (--kw k=3)
     out = Path(out); _check_run_dir(out, resume)
     if resume and (out / 'config.json').exists():  # a resumed run keeps its own settings
         cfg = json.loads((out / 'config.json').read_text())
         method, data, arch, size, bs, seed, views = (cfg[k] for k in ('method', 'data', 'arch', 'size', 'bs', 'seed', 'views'))
         pretrained, precision, epochs = cfg['pretrained'], cfg['precision_asked'], cfg['epochs']
         lr, method_kwargs = cfg['lr'], cfg.get('method_kwargs', method_kwargs)
+        method_kwargs = renamed_options(cfg['method'], method_kwargs)  # a run folder from before a rename
         skip_bad = cfg.get('skip_bad', skip_bad)  # the images it was started with
         keep_optimizer = cfg.get('keep_optimizer', keep_optimizer)
     ds, data_info = check_for_run(data, out, skip_bad=skip_bad)  # every file read before any training
@@ -111,6 +122,7 @@ def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18',
                   precision_asked=precision, workers=workers, method_kwargs=method_kwargs, skip_bad=skip_bad, data_check=data_info,
                   keep_optimizer=keep_optimizer)
     if is_trainer(method):  # a GAN or a supervised baseline: its own Learner, the same run folder
+        if method_kwargs.get('local_views'): raise ValueError(f"{method} takes no local views (multi-crop); drop --local_views")
         print(f"training {method} ({arch}{', ImageNet init' if pretrained else ''}, {size}px, batch {bs}) for {epochs} epochs -> {out}")
         if not keep_optimizer: print(f"note: --drop_optimizer is for the SSL methods; {method}'s checkpoint.pth keeps its optimiser state")
         return get_method(method)(ds, out, arch=arch, pretrained=pretrained, size=size, bs=bs, epochs=epochs, lr=lr, seed=seed,
@@ -183,7 +195,7 @@ def fgssl_pretrain(method: Param(f"SSL method: {', '.join(method_names('ssl'))};
     try: pretrain_run(method, data, arch, pretrained, size, bs, epochs, lr, seed, out, resume, views, precision, workers,
                       not no_knn, skip_bad=skip_bad, keep_optimizer=not drop_optimizer,
                       **_method_kwargs(criterion, alpha, nu, n_dims if n_dims is not None else k, kw), **({'local_views': local_views} if local_views else {}))
-    except _user_errors() as e: die(str(e))
+    except user_errors() as e: die(str(e))
 
 # %% ../nbs/40_cli.ipynb #d87b3646
 EVAL_PROTOCOLS = ('linear', 'knn', 'retrieval', 'finetune', 'label_efficiency', 'head')
@@ -268,7 +280,7 @@ def fgssl_eval(run_dir: Param("run folder written by fgssl_pretrain", str, nargs
     if size is not None and size < 16: die(f"--size must be at least 16 px, got {size}")
     if bs < 1: die(f"--bs must be at least 1, got {bs}")
     try: m = evaluate_run(run_dir, data, protocols, encoder, arch, size, bs, seed, out, workers, skip_bad=skip_bad)
-    except _user_errors() as e: die(str(e))
+    except user_errors() as e: die(str(e))
     print(json.dumps(m, indent=1))
 
 # %% ../nbs/40_cli.ipynb #51ca65db
@@ -340,4 +352,4 @@ def fgssl_demo(data: Param("data folder, or 'default' for the built-in toy birds
     "The main job: show the data, pretrain an SSL method, evaluate it against the encoder it started from and a supervised one."
     _check_train_args(size, bs, epochs)
     try: demo(data, out, method, epochs, size, bs, seed, precision, resume, not no_supervised, views, arch, pretrained, lr, skip_bad)
-    except _user_errors() as e: die(str(e))
+    except user_errors() as e: die(str(e))

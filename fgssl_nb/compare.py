@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np, pandas as pd
 import matplotlib
 from fastcore.script import call_parse, Param, store_true
-from .cli import pretrain_run, evaluate_run, scale_lr, METRIC_COLS, _user_errors, die
+from .registry import get_method
+from .cli import pretrain_run, evaluate_run, scale_lr, METRIC_COLS, user_errors, die
 
 # %% auto #0
 __all__ = ['SYSTEM1_VIEWS', 'SYNTH_IMAGENET', 'GRIDS', 'PRESETS', 'RUN_DEFAULTS', 'METRICS', 'resolve_entry', 'slug',
@@ -131,6 +132,8 @@ def run_grid(grid: str | list[dict], data='default', seeds=(0,), out='runs/compa
     if only: entries = [e for e in entries if {e['name'], slug(e['name']), resolve_entry(e, pretrained)['name'],
                                                 slug(resolve_entry(e, pretrained)['name'])} & set(only)]
     entries = [resolve_entry(e, pretrained) for e in entries]
+    for e in entries:  # a typo in a method name stops the grid before anything is computed
+        if e.get('method'): get_method(e['method'])
     out = Path(out)
     for seed in seeds:  # before anything is computed: a folder made with other settings stops the grid (SettingMismatch)
         for e in entries: _check_same_setting(out / slug(e['name']) / f'seed{seed}', **_expected(e, arch, pretrained, size, bs, epochs))
@@ -143,7 +146,7 @@ def run_grid(grid: str | list[dict], data='default', seeds=(0,), out='runs/compa
             try: rows.append(run_entry(e, data, seed, out, epochs, size, bs, precision, arch=arch, pretrained=pretrained,
                                        skip_bad=skip_bad))
             except (WriteError, SettingMismatch): raise  # a full disk, a folder of another setting: every later entry would fail too
-            except _user_errors() as err:
+            except user_errors() as err:
                 errors[f"{e['name']} seed {seed}"] = f"{type(err).__name__}: {err}"; print(f"  failed: {err}")
             _save_rows(out, rows, errors)
     return pd.DataFrame(rows)
@@ -226,7 +229,7 @@ def fgssl_compare(grid: Param(f"which comparison: {', '.join(GRIDS)} (default: s
     from fgssl_nb.runs import atomic_write_text
     try: df = run_grid(grid, data, tuple(seeds), out, epochs, size, bs, precision, only, arch=arch, pretrained=pretrained,
                        skip_bad=skip_bad)
-    except _user_errors() as e: die(str(e))
+    except user_errors() as e: die(str(e))
     f = out / 'results.csv'
     if f.exists() and f.stat().st_size:  # the table covers every run in the folder, in the grid's order
         df, order = pd.read_csv(f), {resolve_entry(e, pretrained)['name']: i for i, e in enumerate(GRIDS[grid])}
@@ -234,7 +237,7 @@ def fgssl_compare(grid: Param(f"which comparison: {', '.join(GRIDS)} (default: s
     if len(df):
         s = summarize(df); md = results_markdown(s)
         try: atomic_write_text(out / 'results.md', md + '\n', hint='run the same command again (nothing is retrained)')
-        except _user_errors() as e: die(str(e))
+        except user_errors() as e: die(str(e))
         print(md)
         import matplotlib.pyplot as plt
         ax = plot_results(s, floor='imagenet (frozen)' if pretrained else 'random init'); ax.figure.savefig(out / 'results.png', dpi=90, bbox_inches='tight'); plt.close(ax.figure)

@@ -23,11 +23,11 @@ from .toybirds import make_toybirds
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'AIRCRAFT_LEVELS', 'FLOWERS102_NAMES', 'READERS', 'MIN_SIDE', 'CACHE_LIMIT_BYTES', 'IMAGENET_MEAN',
-           'IMAGENET_STD', 'DATASET_URLS', 'FGDataset', 'image_files', 'AnnotationError', 'format_problems',
-           'CubTables', 'cub_tables', 'read_cub', 'read_aircraft', 'read_cars', 'read_flowers102', 'read_imagefolder',
-           'detect_layout', 'locate_dataset', 'read_dataset', 'ImageError', 'load_image', 'image_problem', 'ImageRef',
-           'LoadImage', 'verify_images', 'RefLabel', 'ssl_dls', 'labeled_dls', 'normalize', 'denormalize',
-           'download_dataset']
+           'IMAGENET_STD', 'DATASET_URLS', 'FGDataset', 'image_files', 'unlabeled_files', 'check_classes',
+           'AnnotationError', 'format_problems', 'CubTables', 'cub_tables', 'read_cub', 'read_aircraft', 'read_cars',
+           'read_flowers102', 'read_imagefolder', 'detect_layout', 'locate_dataset', 'read_dataset', 'ImageError',
+           'load_image', 'image_problem', 'ImageRef', 'LoadImage', 'verify_images', 'RefLabel', 'ssl_dls',
+           'labeled_dls', 'normalize', 'denormalize', 'download_dataset']
 
 # %% ../nbs/00_data.ipynb #896ec5f1
 IMAGE_EXTS = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm'}
@@ -79,7 +79,7 @@ def image_files(folder: Path, recurse: bool = True) -> list[Path]:
     it = folder.rglob('*') if recurse else folder.iterdir()
     return sorted(p for p in it if p.suffix.lower() in IMAGE_EXTS and p.is_file() and not p.name.startswith('.'))
 
-def _unlabeled(root: Path, folder: str = 'unlabeled') -> list[Path]:
+def unlabeled_files(root: Path, folder: str = 'unlabeled') -> list[Path]:
     return image_files(root / folder) if (root / folder).is_dir() else []
 
 def _need(path: Path, what: str) -> Path:
@@ -101,7 +101,7 @@ def _empty_classes(labels: np.ndarray, classes: list, where) -> str | None:
     return (f"{where}: class(es) with no images: {', '.join(map(str, empty[:5]))}"
             + (f" and {len(empty) - 5} more" if len(empty) > 5 else '') + "; remove them or add images")
 
-def _check_classes(labels: np.ndarray, classes: list, where: str):
+def check_classes(labels: np.ndarray, classes: list, where: str):
     if (msg := _empty_classes(labels, classes, where)): raise ValueError(msg)
 
 # %% ../nbs/00_data.ipynb #cd86cf9a
@@ -238,7 +238,7 @@ def read_cub(path, crop_to_box: bool = False) -> FGDataset:
     t = cub_tables(root, boxes=True if crop_to_box else False)
     if t.problems: raise AnnotationError(t.problems)
     _check_exist(t.items, root / 'images.txt')
-    return FGDataset(t.items, t.labels, t.is_train, t.classes, 'cub', root, _unlabeled(root),
+    return FGDataset(t.items, t.labels, t.is_train, t.classes, 'cub', root, unlabeled_files(root),
                      np.array(t.boxes, float) if crop_to_box else None)
 
 # %% ../nbs/00_data.ipynb #4e65e07d
@@ -267,9 +267,9 @@ def read_aircraft(path, level: str = 'variant', train_split: str = 'trainval') -
     items = [data / 'images' / f'{i}.jpg' for i, _ in rows]
     _check_exist(items, data / f'images_{level}_*.txt')
     labels = np.array([idx[n] for _, n in rows])
-    _check_classes(labels, classes, data / f'images_{level}_{{{train_split},test}}.txt')
+    check_classes(labels, classes, data / f'images_{level}_{{{train_split},test}}.txt')
     return FGDataset(items, labels, [True] * len(tr) + [False] * len(te), classes, 'aircraft', root,
-                     _unlabeled(root), trim_bottom=20)
+                     unlabeled_files(root), trim_bottom=20)
 
 # %% ../nbs/00_data.ipynb #ef31f063
 def _mat_struct_rows(m: dict, key: str) -> list[dict]:
@@ -306,8 +306,8 @@ def read_cars(path, crop_to_box: bool = False) -> FGDataset:
                                 f"+ cars_test_annos_withlabels.mat, or cars_annos.mat")
     _check_exist(items, root)
     labels = np.array([int(r['class']) - 1 for r in rows])
-    _check_classes(labels, classes, root)
-    return FGDataset(items, labels, is_train, classes, 'cars', root, _unlabeled(root),
+    check_classes(labels, classes, root)
+    return FGDataset(items, labels, is_train, classes, 'cars', root, unlabeled_files(root),
                      np.array([box(r) for r in rows], float) if crop_to_box else None)
 
 # %% ../nbs/00_data.ipynb #0363b582
@@ -350,8 +350,8 @@ def read_flowers102(path) -> FGDataset:
     n = int(labels.max()) + 1 if len(labels) else 0
     classes = FLOWERS102_NAMES if n == 102 else [f'class_{k + 1:03d}' for k in range(n)]
     _check_exist(items, root)
-    _check_classes(labels, classes, root)
-    return FGDataset(items, labels, is_train, classes, 'flowers102', root, _unlabeled(root))
+    check_classes(labels, classes, root)
+    return FGDataset(items, labels, is_train, classes, 'flowers102', root, unlabeled_files(root))
 
 # %% ../nbs/00_data.ipynb #d94815fc
 _TEST_DIRS = ('test', 'valid', 'val')
@@ -384,7 +384,7 @@ def read_imagefolder(path, test_frac: float = 0.5, seed: int = 0) -> FGDataset:
             items += fs; labels += [k] * len(fs); is_train += [j not in te for j in range(len(fs))]
     if not classes: raise ValueError(f"{root}: no class folders found (expected {root}/<class>/<image> or train/<class>/ + test/<class>/)")
     labels = np.array(labels, int)
-    _check_classes(labels, classes, root)
+    check_classes(labels, classes, root)
     unl = image_files(next(root / u for u in _SKIP_DIRS if (root / u).is_dir())) if any((root / u).is_dir() for u in _SKIP_DIRS) else []
     return FGDataset(items, labels, is_train, classes, 'imagefolder', root, unl)
 

@@ -205,7 +205,7 @@ def jigsaw_tile_views(jitter: tuple = (0.4, 0.4, 0.4, 0.1), jitter_p: float = 0.
 class Jigsaw(SSLMethod):
     "Jigsaw puzzles: which of `n_perms` permutations shuffled the `grid` x `grid` tiles; cross-entropy."
     name, lr, wd, opt_func = 'jigsaw', 1e-2, 5e-4, partial(fast_sgd, mom=0.9)  # SGD with L2 decay, as the paper (Caffe)
-    moms = (0.9, 0.9, 0.9)
+    moms, view_inputs = (0.9, 0.9, 0.9), False  # it makes its own inputs: tiles
     model_args = ('n_perms', 'grid', 'dropout', 'pool', 'perm_seed')
     def __init__(self, pipelines, tile_frac: float = 64 / 75, clip: float | None = 4.0, **kwargs):
         super().__init__(pipelines, **kwargs)
@@ -240,6 +240,7 @@ class Jigsaw(SSLMethod):
         x = self.xb[0]
         with torch.autocast(x.device.type, enabled=False):
             tiles, labels = self.tiler(x.float())
+        self.n_images, self.view_batches = len(x), [tiles.flatten(0, 1)]  # the contract's attributes: one "view", the tiles
         xb = tiles.flatten(0, 1)
         if self._cl: xb = xb.contiguous(memory_format=torch.channels_last)
         self.learn.xb, self.learn.yb = (xb,), (labels,)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_learner.ipynb #2501ce38
 from __future__ import annotations
-import contextlib, inspect, json, math, random, sys, weakref
+import contextlib, inspect, json, math, numbers, random, sys, weakref
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 import fgssl_nb.data  # first: it imports fastai with the import-time warnings of its dependencies silenced
@@ -24,36 +24,49 @@ from .registry import get_method, is_trainer, method_options
 __all__ = ['SSLMethod', 'EmbeddingStd', 'KNNMonitor', 'NaNGuard', 'build_learner', 'ssl_learner', 'pretrain']
 
 # %% ../nbs/03_learner.ipynb #d7a41021
+def _takes(params, names) -> bool:
+    "True when a signature's `params` accept the arguments `names` (by name, or through *args/**kwargs)."
+    var = {p.kind for p in params.values()}
+    return all(n in params for n in names) or inspect.Parameter.VAR_POSITIONAL in var or inspect.Parameter.VAR_KEYWORD in var
+
 class SSLMethod(Callback):
     """The contract of an SSL method: a fastai `Callback` that turns each batch of images into views, plus the loss.
 
     To add a method, write a subclass in a notebook of its own, decorate it with `@register_method` (which checks it
     against this contract and names everything missing in one error), and add its line `name module ssl` to
-    `fgssl_nb/methods.txt`: the CLI, the benchmarks, the comparison grids and the tests read that list.
+    `fgssl_nb/methods.txt`: the CLI, the benchmarks and the tests read that list (a method defined in your own
+    notebook or package needs no line: registering it makes it known for the session). The pieces:
+    `from fgssl_nb.learner import SSLMethod`, `from fgssl_nb.registry import register_method`,
+    `from fgssl_nb.optim import fast_adam, fast_sgd`, `from fgssl_nb.models import SSLModel, mlp`.
 
     Must define:
     - `name` (str): the registry name, as in `fgssl_pretrain --method name`.
     - `make_model(cls, encoder, dls=None, **model_options) -> nn.Module` (a classmethod): the network to train, with
       `encoder` as its `.encoder` (what `pretrain` exports). `forward(*groups)` takes the view batches grouped by
       image size and returns one block of `n_images` rows per view, in view order (`models.SSLModel` does this).
-    - `loss(self, pred, *yb) -> Tensor`: the scalar loss of `pred`, the model's output for the batch;
+    - `loss(self, pred, *yb) -> Tensor`: the scalar loss of `pred`, the model's output for the batch (bf16 under
+      mixed precision: compute the loss in float32);
       `self.chunks(pred)` splits it into one tensor per view. It runs on validation batches too (`self.training`
       tells them apart; validation views come from a fixed seed).
 
     May define (default in brackets):
     - `lr` [1e-3]: the peak learning rate at batch `REF_BS` = 64; the CLI scales it with the batch size (linearly
       for SGD methods, by the square root for Adam ones).
-    - `wd` [1e-5], `opt_func` [`fast_adam`; `fast_sgd` for SGD], `moms` [None: fastai's one-cycle 0.95-0.85-0.95].
+    - `wd` [1e-5], `opt_func` [`fast_adam`; `fast_sgd` for SGD: `opt_func(param_groups, lr=...)` -> a fastai
+      optimiser; the CLI scales `lr` linearly when its name contains 'sgd'], `moms` [None: fastai's one-cycle
+      0.95-0.85-0.95; SGD methods fix `(0.9, 0.9, 0.9)`].
     - `view_recipe` ['simclr']: the `augment.VIEWS` recipe used when `views` is not given; `n_views` [2].
     - `multicrop` [False]: True when `loss` handles local views (`ssl_learner(..., local_views=N)`); global views
       come first in `view_batches` and in `chunks(pred)`; `view_pairs()` lists the (global, other) pairs.
     - `model_args` [()]: the names of `make_model`'s options; all other options go to `__init__`.
-    - `wrapper_args` [()]: option names taken by a callback that `extra_callbacks` adds (see `synth.synth_method`).
+    - `wrapper_args` [()]: option names taken by a callback that `extra_callbacks` adds (see `synth.synth_method`);
+      they arrive in `__init__`'s `**kwargs`: take them out before `super().__init__`.
     - `__init__(self, pipelines, <option>=<default>, ..., **kwargs)`: the method's options with their defaults,
       then `super().__init__(pipelines, **kwargs)`.
     - `extra_callbacks(self) -> list` [[]]: more callbacks the method needs (gradient clipping, a wrapper's).
     - `default_views(cls, size, views=None, local_views=0, local_size=None) -> list` [the recipe's pipelines]:
-      override only for inputs that are not a recipe's views (jigsaw makes tiles).
+      override for other defaults (e.g. local views unless asked otherwise) or for inputs that are not a
+      recipe's views (jigsaw makes tiles: it sets `view_inputs = False` [True], and `views` no longer applies).
     - any fastai event, e.g. `after_step` for an EMA update (`self.learn.model.update_target(m)`), or
       `before_batch` to feed the model something else (call `super().before_batch()` first).
 
@@ -63,12 +76,13 @@ class SSLMethod(Callback):
     Attributes for other callbacks, valid from `before_batch` on:
     - `view_batches`: the augmented, normalised view tensors of the batch, global views first.
     - `n_images`: images in the batch; `n_global`: how many of the views are global (training size).
+    - `learn.xb`: the view batches grouped by size; `learn.xb[0]` holds all global views (what a target network sees).
     - `pipelines`: the `ViewPipeline`s, one per view.
     """
     order, run_valid = 5, True  # before MixedPrecision (10): views are made in float32
     name: str = None
     lr, wd, moms, opt_func = 1e-3, 1e-5, None, fast_adam
-    view_recipe, n_views, multicrop = 'simclr', 2, False
+    view_recipe, n_views, multicrop, view_inputs = 'simclr', 2, False, True
     model_args, wrapper_args = (), ()
 
     def __init__(self, pipelines: list, valid_seed: int = 12345):
@@ -94,30 +108,37 @@ class SSLMethod(Callback):
     @classmethod
     def takes_views(cls) -> bool:
         "True when the method's inputs are a recipe's views (`views` applies), False when it makes its own (jigsaw's tiles)."
-        return inspect.getattr_static(cls, 'default_views') is inspect.getattr_static(SSLMethod, 'default_views')
+        return bool(cls.view_inputs)
 
     @classmethod
     def check_contract(cls):
         "Raise one `TypeError` naming everything `cls` lacks of the contract above (`register_method` calls this)."
-        probs = []
-        if not isinstance(cls.name, str) or not cls.name: probs.append("set `name` (a str: the registry name)")
+        probs, takes = [], lambda f, *names: _takes(inspect.signature(f).parameters, names)
+        if not isinstance(vars(cls).get('name'), str) or not cls.name:
+            probs.append("set `name` (a str: the registry name) in the class itself (a subclass of a method needs a name of its own)")
         if inspect.getattr_static(cls, 'make_model') is inspect.getattr_static(SSLMethod, 'make_model'):
             probs.append("define the classmethod `make_model(cls, encoder, dls=None, **model_options)`")
         elif not isinstance(inspect.getattr_static(cls, 'make_model'), classmethod): probs.append("make `make_model` a @classmethod")
         else:
             ps = inspect.signature(cls.make_model).parameters
+            if not takes(cls.make_model, 'encoder', 'dls'): probs.append("`make_model` must take (encoder, dls=None, **model_options)")
             bad = [a for a in cls.model_args if a not in ps]
             if bad and not any(p.kind == p.VAR_KEYWORD for p in ps.values()):
                 probs.append(f"`model_args` names {', '.join(bad)}, which `make_model` does not take")
         if cls.loss is SSLMethod.loss: probs.append("define `loss(self, pred, *yb)`")
+        elif not any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(cls.loss).parameters.values()):
+            probs.append("`loss` must take (self, pred, *yb)")
+        if not takes(cls.default_views, 'size', 'views', 'local_views', 'local_size'):
+            probs.append("`default_views` must take (size, views=None, local_views=0, local_size=None)")
         if not callable(cls.opt_func): probs.append("`opt_func` must make an optimiser (fast_adam, fast_sgd, fastai's Adam/SGD)")
         for a, lo in (('lr', 0), ('wd', None)):
             v = getattr(cls, a)
-            if not isinstance(v, (int, float)) or v < 0 or v == lo: probs.append(f"`{a}` must be a number {'> 0' if lo == 0 else '>= 0'}, got {v!r}")
+            if not isinstance(v, numbers.Real) or isinstance(v, bool) or v < 0 or v == lo: probs.append(f"`{a}` must be a number {'> 0' if lo == 0 else '>= 0'}, got {v!r}")
         if cls.takes_views():
             from fgssl_nb.augment import VIEWS
             if cls.view_recipe not in VIEWS: probs.append(f"`view_recipe` {cls.view_recipe!r} is not a recipe of augment.VIEWS ({', '.join(VIEWS)})")
-        if list(inspect.signature(cls.__init__).parameters)[1:2] != ['pipelines']:
+        init = inspect.signature(cls.__init__).parameters
+        if list(init)[1:2] != ['pipelines'] and not any(p.kind == p.VAR_POSITIONAL for p in init.values()):
             probs.append("`__init__` must take `pipelines` first, then the options, and call super().__init__(pipelines, **kwargs)")
         if probs: raise TypeError(f"{cls.__name__} does not fulfil the SSLMethod contract: " + '; '.join(probs)
                                   + " (the contract: help(fgssl_nb.learner.SSLMethod))")
@@ -129,10 +150,10 @@ class SSLMethod(Callback):
     def make_views(self, x: torch.Tensor) -> list[torch.Tensor]:
         "One augmented, normalised view batch per pipeline."
         return [p(x) for p in self.pipelines]
-    def group_views(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def group_views(self, view_batches: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         "The model's inputs: runs of consecutive views of one image size, each concatenated into one batch."
         groups = []
-        for v in views:
+        for v in view_batches:
             if groups and groups[-1][0].shape[-2:] == v.shape[-2:]: groups[-1].append(v)
             else: groups.append([v])
         xs = tuple(torch.cat(g) if len(g) > 1 else g[0] for g in groups)
@@ -255,6 +276,7 @@ def pretrain(learn: Learner, epochs: int, lr: float | None = None, run_dir=None,
     run_dir = Path(run_dir or learn.path); run_dir.mkdir(parents=True, exist_ok=True)
     learn.path = run_dir
     run = get_run_state(learn)
+    run.nan_at = run.resume_smooth = run.resume_scaler = None  # nothing carried over from an earlier call
     lr = lr or run.default_lr
     start = 0
     if resume:

@@ -194,9 +194,9 @@ def _load_opt(learn, state: dict, f: Path):
     if learn.opt is None: learn.create_opt()
     try: learn.opt.load_state_dict(state)
     except (KeyError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{f}: its optimiser state does not fit this run's optimiser ({type(e).__name__}: {e}); a checkpoint "
-                         "written with fastai's Python optimisers (fgssl_nb before the fused kernels) resumes only with "
-                         "ssl_learner(..., opt_func=fastai.optimizer.Adam or SGD); or start the run again") from e
+        raise ValueError(f"{f}: its optimiser state does not fit this run's optimiser ({type(e).__name__}: {e}); it was "
+                         "probably written with fastai's Python optimisers (fgssl_nb before the fused kernels): start the run "
+                         "again (from Python, ssl_learner(..., opt_func=fastai.optimizer.Adam or SGD) resumes an SSL run)") from e
 
 def resume_from_checkpoint(learn, run_dir) -> int:
     "Load `run_dir/checkpoint.pth` into `learn` (model, optimiser, random states); returns the epoch to start from."

@@ -212,7 +212,7 @@ class SynthPairs(Callback):
         self.last_dims = self.last_importance = None  # of the last training batch (for plots and tests)
 
     def _grab(self, module, inp, out):
-        if self.capture: self.feat = out
+        if self.capture and self.feat is None: self.feat = out  # the first encoder call: the global views
     def before_fit(self):
         m = self.learn.model
         if not all(hasattr(m, a) for a in ('encoder', 'decoder', 'feat_stats')):
@@ -251,7 +251,8 @@ class SynthPairs(Callback):
         self.feat, m = None, self.learn.model
         m.feat_stats.update(h, self.stats_momentum)
         if self.alpha == 0 and self.nu == 0: return
-        n = self.learn.run_state.method_cb.n_images  # the first n rows of xb (and of h) are the first view
+        mc = getattr(getattr(self.learn, 'run_state', None), 'method_cb', None)
+        n = mc.n_images if mc is not None else len(self.learn.yb[0])  # the first n rows of xb (and of h): the first view
         x, h1 = self.learn.xb[0][:n], h[:n]
         rec = m.decoder(h1 if self.rec_to_encoder else h1.detach(), size=x.shape[-2:])
         l_r = recon_loss(rec, x, self.rec_loss)
@@ -296,6 +297,7 @@ def synth_method(base: type, name: str | None = None) -> type:
     class Synth(base):
         model_args = tuple(base.model_args) + ('decoder_width', 'decoder_size')
         wrapper_args = tuple(base.wrapper_args) + SYNTH_ARGS  # options of the SynthPairs callback
+        multicrop = False  # the decoder and the pair loss read the global views' features only
         def __init__(self, pipelines, **kwargs):
             super().__init__(pipelines, **{k: v for k, v in kwargs.items() if k not in SYNTH_ARGS})
             self.pairs_cb = SynthPairs(**{k: v for k, v in kwargs.items() if k in SYNTH_ARGS})
