@@ -38,11 +38,11 @@ class BYOL(SSLMethod):
     def make_model(cls, encoder: Encoder, dls=None, proj_hidden: int = 1024, proj_dim: int = 256) -> SSLModel:
         return SSLModel(encoder, mlp(encoder.num_features, proj_hidden, proj_dim), mlp(proj_dim, proj_hidden, proj_dim), momentum=True)
     def loss(self, pred, *yb):
-        m = self.learn.model
+        m = self.net
         qs = self.chunks(m.predictor(pred))
         with torch.no_grad(): zs = self.chunks(m.target(self.learn.xb[0]))  # the target sees the global views only
         return multicrop_byol_loss(qs, zs, self.view_pairs())
     def after_step(self):
         # pct_train is restored from the epoch on resume, so the schedule continues exactly
         total = self.n_epoch * len(self.dls.train)
-        self.learn.model.update_target(cosine_momentum(self.base_momentum, round(self.pct_train * total), total))
+        self.net.update_target(cosine_momentum(self.base_momentum, round(self.pct_train * total), total))

@@ -4,7 +4,7 @@
 
 # %% ../nbs/40_cli.ipynb #26596bdd
 from __future__ import annotations
-import json, sys, time
+import json, os, sys, time
 from pathlib import Path
 import numpy as np
 import matplotlib
@@ -27,7 +27,8 @@ def user_errors() -> tuple:
     from fgssl_nb.data import ImageError
     from fgssl_nb.models import WeightsUnavailable
     from fgssl_nb.runs import WriteError
-    return (FileNotFoundError, NotADirectoryError, FileExistsError, ValueError, ImageError, FloatingPointError,
+    from fgssl_nb.distributed import PeerFailure
+    return (PeerFailure, FileNotFoundError, NotADirectoryError, FileExistsError, ValueError, ImageError, FloatingPointError,
             WeightsUnavailable, ImportError, WriteError)
 
 def save_batch_grid(dls, fname, max_n: int = 16, nrows: int = 2, title: str | None = None):
@@ -102,7 +103,9 @@ def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18',
     from fgssl_nb.registry import get_method, is_trainer
     from fgssl_nb.data import labeled_dls, ssl_dls
     from fgssl_nb.check import check_for_run
+    from fgssl_nb.distributed import init_distributed, rank0_first, rank, is_main, world_size
     get_method(method)  # fail early on a typo
+    if init_distributed() > 1 and not is_main(): sys.stdout = open(os.devnull, 'w')  # one console: rank 0's
     method_kwargs = renamed_options(method, method_kwargs)  # old option names (--kw k=3)
     out = Path(out); _check_run_dir(out, resume)
     if resume and (out / 'config.json').exists():  # a resumed run keeps its own settings
@@ -113,11 +116,11 @@ def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18',
         method_kwargs = renamed_options(cfg['method'], method_kwargs)  # a run folder from before a rename
         skip_bad = cfg.get('skip_bad', skip_bad)  # the images it was started with
         keep_optimizer = cfg.get('keep_optimizer', keep_optimizer)
-    ds, data_info = check_for_run(data, out, skip_bad=skip_bad)  # every file read before any training
+    ds, data_info = rank0_first(check_for_run, data, out, skip_bad=skip_bad)  # every file read before any training; rank 0 makes the caches
     if resume and (out / 'config.json').exists() and cfg.get('data_check', data_info) != data_info:
         print(f"warning: the data changed since this run started (then {cfg['data_check']}, now {data_info}); "
               "it continues on the images there are now")
-    set_seed(seed)
+    set_seed(seed + rank())  # several processes: each its own augmentation stream (DDP starts them all from rank 0's weights)
     config = dict(method=method, data=str(data), arch=arch, pretrained=pretrained, size=size, bs=bs, seed=seed, views=views,
                   precision_asked=precision, workers=workers, method_kwargs=method_kwargs, skip_bad=skip_bad, data_check=data_info,
                   keep_optimizer=keep_optimizer)
@@ -130,8 +133,8 @@ def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18',
                                 views=views, **method_kwargs)
     cls = get_method(method)
     if lr is None:  # the method's default, quoted at batch REF_BS, scaled to this batch
-        lr = scale_lr(cls.lr, bs, rule=lr_rule(cls))
-        config['lr_rule'] = f"{cls.lr:g} at batch {REF_BS}, {lr_rule(cls)} in the batch"
+        lr = scale_lr(cls.lr, bs * world_size(), rule=lr_rule(cls))  # the global batch: --bs per process x processes
+        config['lr_rule'] = f"{cls.lr:g} at batch {REF_BS}, {lr_rule(cls)} in the global batch"
     dls = ssl_dls(ds, size=size, bs=bs, seed=seed, num_workers=workers, verify=None)  # the pre-flight decoded every image
     kdls = labeled_dls(ds, size=size, bs=bs, num_workers=workers, verify=None) if knn else None
     learn = ssl_learner(dls, method, arch=arch, pretrained=pretrained, views=views, precision=precision,
@@ -308,22 +311,29 @@ def demo(data='default', out='runs/demo', method: str = 'simclr', epochs: int = 
          skip_bad: bool = False) -> list[dict]:
     "The main job: data summary, pretrain `method`, evaluate it, a supervised reference and the floor (the encoder it started from), print the table."
     from fgssl_nb.check import check_for_run
-    from fgssl_nb.runs import atomic_write_text
+    from fgssl_nb.distributed import init_distributed, rank0_first, is_main, solo
     out = Path(out)
-    ds, _ = check_for_run(data, out, skip_bad=skip_bad)  # all problems at once, before the first epoch
-    data_summary(ds, out, size)
+    if init_distributed() > 1 and not is_main(): sys.stdout = open(os.devnull, 'w')  # one console: rank 0's
+    ds, _ = rank0_first(check_for_run, data, out, skip_bad=skip_bad)  # all problems at once, before the first epoch
+    if is_main(): data_summary(ds, out, size)
     run, views = out / method, demo_views(data, method, views)
     if resume and (run / 'encoder.pth').exists(): print(f"{run}: pretraining already done, reusing it")
     else: pretrain_run(method, data, arch=arch, pretrained=pretrained, size=size, bs=bs, epochs=epochs, lr=lr, seed=seed,
                        out=run, precision=precision, views=views, resume=resume and (run / 'checkpoint.pth').exists(), skip_bad=skip_bad)
+    sup = out / 'supervised'  # the reference with labels: the same encoder trained (fine-tuned) on the labelled train split
+    if supervised and not (sup / 'encoder.pth').exists():  # every training first (on all processes), then the evaluations
+        pretrain_run('supervised', data, arch=arch, pretrained=pretrained, size=size, bs=bs, epochs=epochs, seed=seed,
+                     out=sup, precision=precision, resume=(sup / 'checkpoint.pth').exists(), progress=False, skip_bad=skip_bad)
+    if not is_main(): return []  # evaluation and the table: rank 0 alone
+    with solo(): return _demo_table(out, run, method, epochs, views, supervised, data, arch, size, seed, pretrained, skip_bad)
+
+def _demo_table(out, run, method, epochs, views, supervised, data, arch, size, seed, pretrained, skip_bad) -> list[dict]:
+    from fgssl_nb.runs import atomic_write_text
     cfg = run / 'config.json'
     if cfg.exists(): views = json.loads(cfg.read_text()).get('views')  # a resumed or reused run: the views it trained with
     rows = [dict(evaluate_run(run, skip_bad=skip_bad), name=f"{method}{f' + {views} views' if views and views != method else ''} ({epochs} ep)")]
-    if supervised:  # the reference with labels: the same encoder trained (fine-tuned) on the labelled train split
+    if supervised:
         sup = out / 'supervised'
-        if not (sup / 'encoder.pth').exists():
-            pretrain_run('supervised', data, arch=arch, pretrained=pretrained, size=size, bs=bs, epochs=epochs, seed=seed,
-                         out=sup, precision=precision, resume=(sup / 'checkpoint.pth').exists(), progress=False, skip_bad=skip_bad)
         rows.append(dict(evaluate_run(sup, skip_bad=skip_bad), name=f"supervised ({epochs} ep, labels{', from ImageNet' if pretrained else ''})"))
     floor = 'imagenet' if pretrained else 'random'  # the encoder the SSL run started from, untouched
     rows.append(dict(evaluate_run(encoder=floor, arch=arch, data=data, size=size, seed=seed, out=out / floor, skip_bad=skip_bad),

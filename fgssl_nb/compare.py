@@ -4,7 +4,7 @@
 
 # %% ../nbs/50_compare.ipynb #be44bbdd
 from __future__ import annotations
-import json, re, time, traceback
+import json, os, re, sys, time, traceback
 from pathlib import Path
 import numpy as np, pandas as pd
 import matplotlib
@@ -101,18 +101,23 @@ def run_entry(entry: dict, data='default', seed: int = 0, out='runs/compare', ep
         m = evaluate_run(encoder=entry['encoder'], arch=arch, data=data, size=size, seed=seed, out=run, protocols=protocols,
                          skip_bad=skip_bad)
     else:
-        # an entry's own lr is quoted at its own bs, or else at the grid's reference batch 64: scaled (linearly) with --bs
-        lr = entry.get('lr') if 'bs' in entry or entry.get('lr') is None else scale_lr(entry['lr'], bs)
-        if not (run / 'encoder.pth').exists():
-            pretrain_run(entry['method'], data, arch=arch, pretrained=pretrained, size=size, bs=entry.get('bs', bs), epochs=epochs,
-                         seed=seed, lr=lr, out=run, resume=(run / 'checkpoint.pth').exists(), views=entry.get('views'),
-                         precision=precision, knn=False, progress=False, skip_bad=skip_bad, **entry.get('kw', {}))
+        _pretrain_entry(entry, data, seed, run, epochs, size, bs, precision, arch, pretrained, skip_bad)
         f = run / 'metrics.json'
         have = json.loads(f.read_text()) if f.exists() else {}
         m = have if all(k in have for k in _metric_keys(protocols)) else evaluate_run(run, data, protocols, skip_bad=skip_bad)
     cfg = json.loads((run / 'config.json').read_text()) if (run / 'config.json').exists() else {}
     return dict(name=entry['name'], seed=seed, method=entry.get('method', entry.get('encoder')), epochs=cfg.get('epochs', 0),
                 **{k: v for k, v in m.items() if isinstance(v, float)}, seconds=round(time.perf_counter() - t0, 1))
+
+def _pretrain_entry(entry: dict, data, seed: int, run: Path, epochs: int, size: int, bs: int, precision: str, arch: str,
+                    pretrained: bool, skip_bad: bool):
+    "Pretrain a resolved grid `entry` into its folder `run`, unless its encoder is there."
+    if (run / 'encoder.pth').exists(): return
+    # an entry's own lr is quoted at its own bs, or else at the grid's reference batch 64: scaled (linearly) with --bs
+    lr = entry.get('lr') if 'bs' in entry or entry.get('lr') is None else scale_lr(entry['lr'], bs)
+    pretrain_run(entry['method'], data, arch=entry.get('arch', arch), pretrained=pretrained, size=size, bs=entry.get('bs', bs),
+                 epochs=epochs, seed=seed, lr=lr, out=run, resume=(run / 'checkpoint.pth').exists(), views=entry.get('views'),
+                 precision=precision, knn=False, progress=False, skip_bad=skip_bad, **entry.get('kw', {}))
 
 def _metric_keys(protocols) -> list[str]:
     keys = dict(linear=['linear_top1'], knn=['knn_top1'], retrieval=['retrieval_rank1', 'retrieval_rank5', 'retrieval_map'],
@@ -127,6 +132,8 @@ def run_grid(grid: str | list[dict], data='default', seeds=(0,), out='runs/compa
     The data are checked once first (`skip_bad`: leave unreadable images out); a full disk (`WriteError`) stops the grid."""
     from fgssl_nb.check import check_for_run
     from fgssl_nb.runs import WriteError
+    from fgssl_nb.distributed import init_distributed, rank0_first, world_size, is_main, solo
+    if init_distributed() > 1 and not is_main(): sys.stdout = open(os.devnull, 'w')  # one console: rank 0's
     if isinstance(grid, str) and grid not in GRIDS: raise ValueError(f"unknown grid {grid!r}; choose from {', '.join(GRIDS)}")
     entries = GRIDS[grid] if isinstance(grid, str) else grid
     if only: entries = [e for e in entries if {e['name'], slug(e['name']), resolve_entry(e, pretrained)['name'],
@@ -138,7 +145,15 @@ def run_grid(grid: str | list[dict], data='default', seeds=(0,), out='runs/compa
     for seed in seeds:  # before anything is computed: a folder made with other settings stops the grid (SettingMismatch)
         for e in entries: _check_same_setting(out / slug(e['name']) / f'seed{seed}', **_expected(e, arch, pretrained, size, bs, epochs))
     out.mkdir(parents=True, exist_ok=True)
-    check_for_run(data, out, skip_bad=skip_bad)  # bad data: one report (PreflightError), not one failure per entry
+    rank0_first(check_for_run, data, out, skip_bad=skip_bad)  # bad data: one report (PreflightError), not one failure per entry
+    if world_size() > 1:  # several processes: every pretraining first, together; then rank 0 evaluates alone
+        for seed in seeds:
+            for e in (e for e in entries if e.get('method')):
+                try: _pretrain_entry(e, data, seed, out / slug(e['name']) / f'seed{seed}', epochs, size, bs, precision, arch, pretrained, skip_bad)
+                except (WriteError, SettingMismatch): raise
+                except user_errors() as err: print(f"[{e['name']} seed {seed}] pretraining failed: {err}")  # rank 0 records it below
+        if not is_main(): return pd.DataFrame()
+        with solo(): return run_grid(grid, data, seeds, out, epochs, size, bs, precision, only, arch, pretrained, skip_bad)
     rows, errors = [], {}
     for seed in seeds:
         for e in entries:
@@ -230,6 +245,8 @@ def fgssl_compare(grid: Param(f"which comparison: {', '.join(GRIDS)} (default: s
     try: df = run_grid(grid, data, tuple(seeds), out, epochs, size, bs, precision, only, arch=arch, pretrained=pretrained,
                        skip_bad=skip_bad)
     except user_errors() as e: die(str(e))
+    from fgssl_nb.distributed import is_main
+    if not is_main(): return  # rank 0 writes the table and the figure
     f = out / 'results.csv'
     if f.exists() and f.stat().st_size:  # the table covers every run in the folder, in the grid's order
         df, order = pd.read_csv(f), {resolve_entry(e, pretrained)['name']: i for i, e in enumerate(GRIDS[grid])}

@@ -12,6 +12,7 @@ from .registry import register_method
 from .optim import fast_adam
 from .models import SSLModel, Encoder, cosine_momentum
 from .augment import RandResizedCrop
+from .distributed import all_reduce_mean, rank_synced
 
 # %% auto #0
 __all__ = ['NormedLinear', 'DINOHead', 'teacher_probs', 'dino_loss', 'entropy', 'teacher_temperature', 'update_center', 'DINO']
@@ -92,8 +93,9 @@ def teacher_temperature(pct: float, teacher_temp: float = 0.04, warmup_teacher_t
 
 @torch.no_grad()
 def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: float = 0.9) -> torch.Tensor:
-    "In place: center = momentum * center + (1 - momentum) * mean of `teacher_out` over the batch (rows)."
-    return center.mul_(momentum).add_(teacher_out.detach().reshape(-1, center.shape[-1]).to(center.dtype).mean(0, keepdim=True), alpha=1 - momentum)
+    "In place: center = momentum * center + (1 - momentum) * mean of `teacher_out` over the batch (rows; of all processes under torchrun)."
+    batch_center = all_reduce_mean(teacher_out.detach().reshape(-1, center.shape[-1]).to(center.dtype).mean(0, keepdim=True))  # global batch
+    return center.mul_(momentum).add_(batch_center, alpha=1 - momentum)
 
 # %% ../nbs/18_dino.ipynb #abaa3047
 def _dino_terms(teacher_out: torch.Tensor, center: torch.Tensor, teacher_temp: float, loss: torch.Tensor) -> dict:
@@ -123,6 +125,7 @@ class DINO(SSLMethod):
                    n_layers: int = 3, norm_last_layer: bool = True, use_bn: bool = True) -> SSLModel:
         model = SSLModel(encoder, DINOHead(encoder.num_features, out_dim, hidden, bottleneck, n_layers, norm_last_layer, use_bn), momentum=True)
         model.register_buffer('center', torch.zeros(1, out_dim))  # in state_dict: checkpoints and exact resume keep it
+        rank_synced(model, 'center')  # every process updates it from the global batch mean
         return model
     @classmethod
     def default_views(cls, size: int, views: str | None = None, local_views: int = 0, local_size: int | None = None) -> list:
@@ -139,7 +142,7 @@ class DINO(SSLMethod):
     def current_teacher_temp(self) -> float:
         return teacher_temperature(self.pct_train, self.teacher_temp, self.warmup_teacher_temp, self.warmup_teacher_temp_pct)
     def loss(self, pred, *yb):
-        m, tt = self.learn.model, self.current_teacher_temp()
+        m, tt = self.net, self.current_teacher_temp()
         with torch.no_grad(): t = m.target(self.learn.xb[0])  # the teacher sees the global views only
         loss = dino_loss(self.chunks(pred), t, m.center, self.n_global, self.student_temp, tt)
         if self.training:
@@ -148,9 +151,9 @@ class DINO(SSLMethod):
         return loss
     def before_step(self):
         if self.epoch < self.freeze_last_layer:  # the paper keeps the prototypes fixed in the first epoch
-            for p in self.learn.model.projector.last_layer.parameters(): p.grad = None
+            for p in self.net.projector.last_layer.parameters(): p.grad = None
     def after_step(self):
         # pct_train is restored from the epoch on resume, so the schedules continue exactly
-        m, total = self.learn.model, self.n_epoch * len(self.dls.train)
+        m, total = self.net, self.n_epoch * len(self.dls.train)
         m.update_target(cosine_momentum(self.base_momentum, round(self.pct_train * total), total))
         update_center(m.center, self._teacher_out, self.center_momentum)

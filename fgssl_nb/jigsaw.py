@@ -228,7 +228,7 @@ class Jigsaw(SSLMethod):
 
     def before_fit(self):
         super().before_fit()
-        m, pl = self.learn.model, self.pipelines[0]
+        m, pl = self.net, self.pipelines[0]
         self.tiler = JigsawTiles(m.perms, m.grid, self.tile_frac, pl.tfms, pl.norm)
         # permutation accuracy instead of the contrastive collapse indicator (other metrics, e.g. k-NN, stay)
         keep = [mt for mt in self.learn.metrics if not isinstance(mt, EmbeddingStd) and getattr(mt, 'name', '') != 'perm_acc']

@@ -19,6 +19,7 @@ from .optim import fast_adam
 from .runs import (RunState, get_run_state, RunCheckpoint, RunCSVLogger, RESUME_HINT, atomic_write_text,
                            resume_from_checkpoint, save_encoder, export_checkpoint)
 from .registry import get_method, is_trainer, method_options
+from .distributed import init_distributed, distribute, world_size, is_main, unwrap, solo, barrier, bn_note, peer_failure
 
 # %% auto #0
 __all__ = ['SSLMethod', 'EmbeddingStd', 'KNNMonitor', 'NaNGuard', 'build_learner', 'ssl_learner', 'pretrain']
@@ -67,8 +68,12 @@ class SSLMethod(Callback):
     - `default_views(cls, size, views=None, local_views=0, local_size=None) -> list` [the recipe's pipelines]:
       override for other defaults (e.g. local views unless asked otherwise) or for inputs that are not a
       recipe's views (jigsaw makes tiles: it sets `view_inputs = False` [True], and `views` no longer applies).
-    - any fastai event, e.g. `after_step` for an EMA update (`self.learn.model.update_target(m)`), or
+    - any fastai event, e.g. `after_step` for an EMA update (`self.net.update_target(m)`), or
       `before_batch` to feed the model something else (call `super().before_batch()` first).
+
+    Several processes (torchrun, `fgssl_nb.distributed`): reach the model through `self.net` (it unwraps DDP), gather
+    what a loss needs from all processes (`gather_with_grad` for negatives, `gather_nograd` for a queue, `batch_moments`
+    or `all_reduce_mean` for statistics), and mark buffers the method keeps identical itself with `rank_synced`.
 
     Per-term diagnostics: keep them as an attribute (e.g. `self.terms`, detached, from the last training batch).
     Another callback reaches the method as `learn.run_state.method_cb`.
@@ -147,6 +152,10 @@ class SSLMethod(Callback):
     def before_fit(self):
         self.learn.loss_func = self.loss
         self._cl = hasattr(self.learn, 'channels_last')
+    @property
+    def net(self) -> nn.Module:
+        "The model being trained, outside any `DistributedDataParallel` wrapper: reach its `.encoder`, `.target`, `.queue` through this."
+        return unwrap(self.learn.model)
     def make_views(self, x: torch.Tensor) -> list[torch.Tensor]:
         "One augmented, normalised view batch per pipeline."
         return [p(x) for p in self.pipelines]
@@ -199,10 +208,11 @@ class KNNMonitor:
     def __init__(self, learn_ref, labeled_dls, k: int = 20): self.learn_ref, self.dls, self.k = learn_ref, labeled_dls, k
     def __call__(self) -> float:
         from fgssl_nb.evaluate import extract_features, knn_classify
-        enc = self.learn_ref().model.encoder
+        if not is_main(): return None  # once, on rank 0 (the others wait at their next collective)
+        enc = unwrap(self.learn_ref().model).encoder
         py = random.getstate()  # monitoring must not change the training's random stream (with or without --no_knn)
         try:
-            with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            with solo(), torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
                 tr_f, tr_y = extract_features(enc, self.dls.train.new(shuffle=False, drop_last=False))
                 te_f, te_y = extract_features(enc, self.dls.valid)
         finally: random.setstate(py)
@@ -220,10 +230,12 @@ class NaNGuard(TerminateOnNaNCallback):
 # %% ../nbs/03_learner.ipynb #c63677d3
 def build_learner(dls, model: nn.Module, loss_func, run: RunState, cbs: list = (), opt_func=fast_adam,
                   splitter=trainable_params, wd: float | None = None, moms: tuple | None = None, metrics=None,
-                  precision: str = 'auto', channels_last: bool = True, run_dir=None) -> Learner:
+                  precision: str = 'auto', channels_last: bool = True, run_dir=None, refuse_ddp: str | None = None) -> Learner:
     """The one place a training `Learner` is made (SSL methods, the GAN, the supervised trainers): `cbs` plus the NaN
     guard, mixed precision resolved for the data's device (with channels_last), a checkpoint per epoch in `run_dir`
-    (exact resume with `pretrain(resume=True)`), `moms` for the one-cycle schedule, and `run` as `learn.run_state`."""
+    (exact resume with `pretrain(resume=True)`), `moms` for the one-cycle schedule, and `run` as `learn.run_state`. Under a launcher (torchrun) it trains on all
+    processes (`fgssl_nb.distributed`), or says why not: `refuse_ddp`."""
+    init_distributed()
     run.precision = resolve_precision(precision, dls.device or torch.device('cpu'))
     cbs = [*cbs, NaNGuard()]
     if run.precision != 'fp32':
@@ -234,7 +246,7 @@ def build_learner(dls, model: nn.Module, loss_func, run: RunState, cbs: list = (
                     metrics=metrics if metrics is not None else [], path=run_dir or '.', model_dir='.')
     learn.run_state = run
     if moms is not None: learn.moms = moms  # fastai's one-cycle reads `learn.moms`
-    return learn
+    return distribute(learn, refuse_ddp)
 
 def ssl_learner(dls, method: str = 'simclr', arch: str = 'resnet18', pretrained: bool = False, size: int | None = None,
                 views: str | None = None, local_views: int = 0, local_size: int | None = None, precision: str = 'auto',
@@ -265,7 +277,7 @@ def _trim_log(run_dir: Path, n_rows: int):
     f = run_dir / 'log.csv'
     if f.exists():
         lines = f.read_text().splitlines(keepends=True)
-        atomic_write_text(f, ''.join(lines[:1 + n_rows]), hint=RESUME_HINT)
+        if is_main(): atomic_write_text(f, ''.join(lines[:1 + n_rows]), hint=RESUME_HINT)
 
 def pretrain(learn: Learner, epochs: int, lr: float | None = None, run_dir=None, resume: bool = False,
              config: dict | None = None, pct_start: float = 0.1, progress: bool | None = None,
@@ -285,15 +297,23 @@ def pretrain(learn: Learner, epochs: int, lr: float | None = None, run_dir=None,
         if old.get('epochs', epochs) != epochs: raise ValueError(f"{run_dir} was started with {old['epochs']} epochs; resume with the same --epochs")
         _trim_log(run_dir, start)
         if start >= epochs: print(f"{run_dir}: all {epochs} epochs already done")
-    else:
+    elif is_main():
         atomic_write_text(run_dir / 'config.json', json.dumps(dict(config or {}, epochs=epochs, lr=lr, method=run.method,
-                                                                   precision=run.precision), indent=1, default=str))
+                                                                   precision=run.precision, world_size=world_size(),
+                                                                   global_bs=world_size() * learn.dls.train.bs), indent=1, default=str))
+    if world_size() > 1 and is_main():
+        print(f"{world_size()} processes x batch {learn.dls.train.bs} = global batch {world_size() * learn.dls.train.bs}, "
+              f"lr {lr:.4g}; {bn_note()}")
     run.resume_epoch, run.epochs_done = start, start
     if start < epochs:
         cbs = [RunCSVLogger('log.csv', append=resume)]  # fastai puts it under learn.path = run_dir
         if not any(isinstance(c, RunCheckpoint) for c in learn.cbs): cbs.append(RunCheckpoint(run_dir))
         with (learn.no_bar() if not progress else contextlib.nullcontext()):
-            learn.fit_one_cycle(epochs, lr, pct_start=pct_start, start_epoch=start, cbs=cbs)
+            try: learn.fit_one_cycle(epochs, lr, pct_start=pct_start, start_epoch=start, cbs=cbs)
+            except Exception as e:  # several processes: a peer that died shows here first, as a collective's error
+                pf = peer_failure(e, run_dir)
+                if pf is None: raise
+                raise pf from e
     if run.nan_at is not None:
         raise FloatingPointError(f"loss became NaN/inf at epoch {run.nan_at[0]} batch {run.nan_at[1]}; training stopped. "
                                  f"The last good checkpoint is kept in {run_dir / 'checkpoint.pth'}; lower the learning rate or use --precision fp32")
@@ -301,7 +321,9 @@ def pretrain(learn: Learner, epochs: int, lr: float | None = None, run_dir=None,
         print(f"stopped after epoch {run.epochs_done} of {epochs}; continue with resume=True (--resume)")
     else:  # a model without `.encoder` (a GAN) says what to export in `run.export_encoder`
         enc = run.export_encoder() if run.export_encoder is not None else learn.model.encoder
-        save_encoder(enc, run_dir / 'encoder.pth', hint="run again with resume=True (--resume) to write it",
-                     method=run.method, epochs=epochs)
-        if not keep_optimizer and (run_dir / 'checkpoint.pth').exists(): export_checkpoint(run_dir, run_dir / 'checkpoint.pth')
+        if is_main():
+            save_encoder(unwrap(enc), run_dir / 'encoder.pth', hint="run again with resume=True (--resume) to write it",
+                         method=run.method, epochs=epochs)
+            if not keep_optimizer and (run_dir / 'checkpoint.pth').exists(): export_checkpoint(run_dir, run_dir / 'checkpoint.pth')
+    barrier()  # every process returns with the run folder complete
     return learn

@@ -10,6 +10,7 @@ from .learner import SSLMethod
 from .registry import register_method
 from .optim import fast_sgd
 from .models import SSLModel, mlp, Encoder
+from .distributed import gather_nograd, rank_synced, world_size
 
 # %% auto #0
 __all__ = ['moco_infonce', 'KeyQueue', 'MoCo']
@@ -51,19 +52,19 @@ class MoCo(SSLMethod):
     def make_model(cls, encoder: Encoder, dls=None, proj_hidden: int = 2048, proj_dim: int = 256, queue_size: int = 65536) -> SSLModel:
         m = SSLModel(encoder, mlp(encoder.num_features, proj_hidden, proj_dim), momentum=True)
         if dls is not None:  # see the notes above: never longer than the data (whole batches)
-            bs, n = dls.train.bs, len(dls.train.dataset)
+            bs, n = dls.train.bs * world_size(), len(dls.train.dataset)  # the global batch: every process pushes all keys
             queue_size = min(queue_size, max(bs, (n // 4 // bs) * bs))
-        m.queue = KeyQueue(proj_dim, queue_size)
+        m.queue = rank_synced(KeyQueue(proj_dim, queue_size), 'keys', 'ptr')  # identical on all processes, not DDP-broadcast
         return m
     def before_batch(self):
         super().before_batch()
         if not self.symmetric: self.learn.xb = (self.learn.xb[0][:self.n_images],)  # only the query view
     def loss(self, pred, *yb):
-        m = self.learn.model
+        m = self.net
         qs = pred.chunk(2) if self.symmetric else (pred,)
         with torch.no_grad(): ks = [m.target(v) for v in (self.view_batches[1], self.view_batches[0])[:len(qs)]]
-        if self.training: self.keys = ks[0]  # pushed to the queue after the step (validation keys never are)
+        if self.training: self.keys = gather_nograd(ks[0])  # pushed to the queue after the step (validation keys never are)
         return sum(moco_infonce(q, k, m.queue.keys, self.temperature) for q, k in zip(qs, ks)) / len(qs)
     def after_step(self):
-        self.learn.model.update_target(self.momentum)
-        self.learn.model.queue.push(self.keys)
+        self.net.update_target(self.momentum)   # the same EMA on every process: their weights are identical after the step
+        self.net.queue.push(self.keys)

@@ -14,6 +14,8 @@ import fgssl_nb.data  # first: it imports fastai with the import-time warnings o
 from fastai.callback.core import Callback
 from fastai.callback.progress import CSVLogger
 from .models import create_encoder, Encoder
+from .distributed import world_size, rank, is_main, unwrap
+import torch.distributed as dist
 
 # %% auto #0
 __all__ = ['RESUME_HINT', 'RunState', 'get_run_state', 'WriteError', 'write_error', 'state_nbytes', 'atomic_save',
@@ -144,6 +146,13 @@ def _scaler(learn):
     s = getattr(learn, 'scaler', None)
     return s if s is not None and s.is_enabled() else None
 
+def _all_rng_states(learn) -> list[dict]:
+    "The random states of every process (rank order): each has its own augmentation stream."
+    s = _rng_state(learn)
+    if world_size() == 1: return [s]
+    out = [None] * world_size(); dist.all_gather_object(out, s)
+    return out
+
 def _set_rng_state(learn, s: dict):
     torch.set_rng_state(s['torch'].cpu())  # RNG states must be CPU byte tensors, whatever map_location did
     if s['cuda'] is not None and torch.cuda.is_available(): torch.cuda.set_rng_state_all([t.cpu() for t in s['cuda']])
@@ -159,11 +168,12 @@ class RunCheckpoint(Callback):
     def after_epoch(self):
         if self.epoch < get_run_state(self.learn).resume_epoch: return  # an epoch skipped while resuming
         if not torch.isfinite(torch.as_tensor(self.learn.recorder.losses[-1] if self.learn.recorder.losses else 0.)): return
-        sl = self.learn.recorder.smooth_loss
-        atomic_save(dict(model=self.learn.model.state_dict(), opt=self.learn.opt.state_dict(), epoch=self.epoch,
-                         n_epoch=self.n_epoch, rng=_rng_state(self.learn), smooth_loss=(sl.val, sl.count),
-                         scaler=_scaler(self.learn).state_dict() if _scaler(self.learn) else None),
-                    self.run_dir / 'checkpoint.pth', hint=RESUME_HINT)
+        sl, rngs = self.learn.recorder.smooth_loss, _all_rng_states(self.learn)  # a collective: every rank calls it
+        if is_main():  # one writer; the other processes hold the same weights (DDP)
+            atomic_save(dict(model=unwrap(self.learn.model).state_dict(), opt=self.learn.opt.state_dict(), epoch=self.epoch,
+                             n_epoch=self.n_epoch, rng=rngs[0], rng_ranks=rngs, world_size=world_size(),
+                             smooth_loss=(sl.val, sl.count), scaler=_scaler(self.learn).state_dict() if _scaler(self.learn) else None),
+                        self.run_dir / 'checkpoint.pth', hint=RESUME_HINT)
         get_run_state(self.learn).epochs_done = self.epoch + 1
     def before_fit(self):  # after MixedPrecision (10) made the scaler: a resumed fp16 run keeps its loss scale
         st = get_run_state(self.learn).resume_scaler
@@ -180,10 +190,10 @@ class RunCSVLogger(CSVLogger):
         f = self.path / self.fname
         self.append = self.append and f.exists() and f.stat().st_size > 0
         f.parent.mkdir(parents=True, exist_ok=True)
-        if not self.append: atomic_write_text(f, ','.join(self.recorder.metric_names) + '\n', hint=RESUME_HINT)
+        if not self.append and is_main(): atomic_write_text(f, ','.join(self.recorder.metric_names) + '\n', hint=RESUME_HINT)
         self.old_logger, self.learn.logger = self.logger, self._write_line
     def _write_line(self, log):
-        if self.epoch >= get_run_state(self.learn).resume_epoch:
+        if self.epoch >= get_run_state(self.learn).resume_epoch and is_main():
             append_line(self.path / self.fname, ','.join(str(t) for t in log) + '\n', hint=RESUME_HINT)
         self.old_logger(log)
     def after_fit(self):
@@ -212,7 +222,12 @@ def resume_from_checkpoint(learn, run_dir) -> int:
     elif ck['epoch'] + 1 < ck.get('n_epoch', 0):
         raise ValueError(f"{f} holds no optimiser state (a checkpoint exported for sharing) and its run stopped after epoch "
                          f"{ck['epoch'] + 1} of {ck['n_epoch']}: it cannot be continued exactly; start the run again")
-    _set_rng_state(learn, ck['rng'])
+    n = ck.get('world_size', 1)
+    if n != world_size():
+        raise ValueError(f"{f} was written by a run on {n} process{'es' if n > 1 else ''}, this one has {world_size()}: resume with "
+                         f"the same number (torchrun --nproc_per_node {n}); the data order, each process's random stream and "
+                         "the global batch depend on it")
+    _set_rng_state(learn, ck.get('rng_ranks', [ck['rng']])[rank()])
     run = get_run_state(learn)
     run.resume_smooth, run.resume_scaler = ck.get('smooth_loss'), ck.get('scaler')
     return ck['epoch'] + 1

@@ -10,6 +10,7 @@ from .learner import SSLMethod
 from .registry import register_method
 from .optim import fast_adam
 from .models import SSLModel, mlp, Encoder
+from .distributed import gather_with_grad, rank
 
 # %% auto #0
 __all__ = ['nt_xent', 'multicrop_nt_xent', 'SimCLR']
@@ -17,13 +18,17 @@ __all__ = ['nt_xent', 'multicrop_nt_xent', 'SimCLR']
 # %% ../nbs/10_simclr.ipynb #713e6f60
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
     """NT-Xent loss of paired embeddings `z1[i]` <-> `z2[i]`: mean over the 2N anchors. With (P, N, d) inputs: P
-    independent pairs of view batches (multi-crop), each its own NT-Xent, the mean over all of them."""
-    z = F.normalize(torch.cat([z1, z2], -2).float(), dim=-1)
-    n = z1.shape[-2]
-    sim = z @ z.transpose(-1, -2) / temperature
-    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float('-inf'))
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(sim.reshape(-1, 2 * n), target.repeat(sim.numel() // (4 * n * n)))
+    independent pairs of view batches (multi-crop), each its own NT-Xent, the mean over all of them. On several processes
+    the candidates are the embeddings of all of them (`gather_with_grad`) and the mean is over this process's anchors."""
+    n, r = z1.shape[-2], rank()
+    z1, z2 = gather_with_grad(z1.float(), -2), gather_with_grad(z2.float(), -2)  # distributed: the global batch
+    m = z1.shape[-2]                                                            # W * n candidates per view
+    z = F.normalize(torch.cat([z1, z2], -2), dim=-1)
+    own = torch.cat([torch.arange(r * n, (r + 1) * n), torch.arange(m + r * n, m + (r + 1) * n)]).to(z.device)  # this process's anchors
+    sim = z.index_select(-2, own) @ z.transpose(-1, -2) / temperature          # (..., 2n, 2m)
+    sim = sim.masked_fill(F.one_hot(own, 2 * m).bool(), float('-inf'))         # an anchor is not its own negative
+    target = (own + m) % (2 * m)                                                # the other view of the same image
+    return F.cross_entropy(sim.reshape(-1, 2 * m), target.repeat(sim.numel() // (4 * n * m)))
 
 # %% ../nbs/10_simclr.ipynb #fb343a77
 def multicrop_nt_xent(zs: list[torch.Tensor], pairs: list[tuple[int, int]], temperature: float = 0.5) -> torch.Tensor:

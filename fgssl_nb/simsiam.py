@@ -43,5 +43,5 @@ class SimSiam(SSLMethod):
         return SSLModel(encoder, mlp(d, proj_dim, proj_dim, n_layers=3, last_bn=True),
                         mlp(proj_dim, pred_hidden or proj_dim // 4, proj_dim))
     def loss(self, pred, *yb):
-        zs, ps = self.chunks(pred), self.chunks(self.learn.model.predictor(pred))
+        zs, ps = self.chunks(pred), self.chunks(self.net.predictor(pred))
         return multicrop_simsiam_loss(ps, zs, self.view_pairs())

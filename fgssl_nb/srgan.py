@@ -212,7 +212,9 @@ def srgan_learner(dls: DataLoaders, n_blocks: int = 16, nf: int = 64, d_nf: int 
     learn = build_learner(dls, gan, loss, run, cbs=[MakeLR(scale, lr_mode, flip), SRGANTrainer(switch_eval=False, gen_first=False, show_img=False),
                                                     SRGANSwitcher(n_crit, n_gen, warmup), RestoreGANMode(), FrozenNoStep()],
                           opt_func=partial(fast_adam, sqr_mom=0.999, eps=1e-8), wd=0., moms=(0.9, 0.9, 0.9),
-                          metrics=[PSNRMetric(None, scale), PSNRMetric('bicubic', scale)], precision=precision, run_dir=run_dir)
+                          metrics=[PSNRMetric(None, scale), PSNRMetric('bicubic', scale)], precision=precision, run_dir=run_dir,
+                          refuse_ddp="fastai's GAN trainer alternates generator and critic (two models, two optimisers) inside one Learner, which one "
+                                     "DistributedDataParallel wrapper cannot follow; train SRGAN on one process (drop torchrun)")
     run.export_encoder = lambda: srgan_g_encoder(learn.model.generator, drop_blocks=drop_blocks, pool=pool, lr_mode=lr_mode)
     return learn
 

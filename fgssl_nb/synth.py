@@ -14,6 +14,7 @@ from .models import Encoder
 from .simclr import nt_xent
 from .moco import MoCo
 from .simsiam import SimSiam
+from .distributed import batch_moments, all_reduce_mean, rank_synced, unwrap
 
 # %% auto #0
 __all__ = ['CRITERIA', 'NOISES', 'SYNTH_ARGS', 'SynthMoCo', 'SynthSimSiam', 'FeatureDecoder', 'recon_loss', 'resolve_n_dims',
@@ -87,8 +88,7 @@ class FeatureStats(nn.Module):
     @torch.no_grad()
     def update(self, h: torch.Tensor, momentum: float = 0.9):
         "Mix the batch `h` (N, dim) into the estimate with weight 1 - `momentum` (weight 1 at the first update)."
-        h = h.detach().float()
-        bm, bv = h.mean(0), h.var(0, unbiased=False)
+        bm, bv = batch_moments(h)  # several processes: the moments of the global batch, the same on every process
         a = torch.where(self.n == 0, 1.0, 1.0 - momentum)  # a tensor: no device sync
         d = bm - self.mean
         self.mean.add_(a * d)
@@ -214,7 +214,7 @@ class SynthPairs(Callback):
     def _grab(self, module, inp, out):
         if self.capture and self.feat is None: self.feat = out  # the first encoder call: the global views
     def before_fit(self):
-        m = self.learn.model
+        m = unwrap(self.learn.model)
         if not all(hasattr(m, a) for a in ('encoder', 'decoder', 'feat_stats')):
             raise ValueError("SynthPairs needs a model with .encoder, .decoder and .feat_stats: build it with a synth method's make_model (add_synth_modules)")
         if self.hook is not None: self.hook.remove()
@@ -231,7 +231,7 @@ class SynthPairs(Callback):
     def before_step(self):
         "Scale the decoder's gradients: with SGD (MoCo, SimSiam) that multiplies its learning rate (not its weight decay)."
         if self.decoder_lr_mult != 1:
-            for p in self.learn.model.decoder.parameters():
+            for p in unwrap(self.learn.model).decoder.parameters():
                 if p.grad is not None: p.grad.mul_(self.decoder_lr_mult)
     def after_cancel_batch(self): self.capture, self.feat = False, None
 
@@ -241,6 +241,7 @@ class SynthPairs(Callback):
     def select(self, h: torch.Tensor, var: torch.Tensor) -> torch.LongTensor:
         "The dimensions to perturb for this batch (`h` with its graph, for Grad-CAM)."
         imp = gradcam_dim_importance(h, self.learn.loss_grad) if self.criterion != 'variance' else None
+        if imp is not None: imp = all_reduce_mean(imp)  # several processes: one choice of dims for all
         self.last_importance = imp
         self.last_dims = select_dims(self.n_dims, self.criterion, var=var, importance=imp)
         return self.last_dims
@@ -248,7 +249,7 @@ class SynthPairs(Callback):
     def after_loss(self):
         h = self.feat
         if h is None: return
-        self.feat, m = None, self.learn.model
+        self.feat, m = None, unwrap(self.learn.model)
         m.feat_stats.update(h, self.stats_momentum)
         if self.alpha == 0 and self.nu == 0: return
         mc = getattr(getattr(self.learn, 'run_state', None), 'method_cb', None)
@@ -259,7 +260,7 @@ class SynthPairs(Callback):
         self._add('L_R', l_r)
         extra = self.alpha * l_r
         if self.nu:
-            var = m.feat_stats.var if self.variance_source == 'ema' else h.detach().float().var(0, unbiased=False)
+            var = m.feat_stats.var if self.variance_source == 'ema' else batch_moments(h)[1]
             dims = self.select(h, var)
             src = h1.detach() if self.detach_decoder else h1
             ht = perturb(src, dims, self.noise, self.noise_scale, std=var.clamp_min(0).sqrt())
@@ -287,7 +288,7 @@ def add_synth_modules(model: nn.Module, num_features: int, size: int, width: int
     "Give `model` a `decoder` (`FeatureDecoder`, initialised from a fork of the random state) and `feat_stats` (`FeatureStats`)."
     with torch.random.fork_rng(devices=[]):  # parameters are made on the CPU: the global CPU stream is left as it was
         model.decoder = FeatureDecoder(num_features, size, width)
-    model.feat_stats = FeatureStats(num_features)
+    model.feat_stats = rank_synced(FeatureStats(num_features), 'mean', 'var', 'n')  # kept identical by `batch_moments`
     return model
 
 SYNTH_ARGS = tuple(inspect.signature(SynthPairs.__init__).parameters)[1:]

@@ -9,6 +9,7 @@ from .learner import SSLMethod
 from .registry import register_method
 from .optim import fast_adam
 from .models import SSLModel, mlp, Encoder
+from .distributed import gather_with_grad
 
 # %% auto #0
 __all__ = ['off_diagonal', 'vicreg_terms', 'vicreg_total', 'vicreg_loss', 'VICReg']
@@ -58,7 +59,7 @@ class VICReg(SSLMethod):
     def make_model(cls, encoder: Encoder, dls=None, proj_hidden: int = 2048, proj_dim: int = 2048) -> SSLModel:
         return SSLModel(encoder, mlp(encoder.num_features, proj_hidden, proj_dim, n_layers=3))
     def loss(self, pred, *yb):
-        z1, z2 = self.chunks(pred)
+        z1, z2 = (gather_with_grad(z) for z in self.chunks(pred))  # several processes: the statistics of the global batch
         t = vicreg_terms(z1, z2, self.eps, self.gamma)
         if self.training: self.terms = {k: v.detach() for k, v in t.items()}
         return vicreg_total(t, self.sim_weight, self.var_weight, self.cov_weight)
