@@ -94,7 +94,7 @@ def renamed_options(method: str, options: dict) -> dict:
 def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18', pretrained: bool = False, size: int = 64,
                  bs: int = 64, epochs: int = 20, lr: float | None = None, seed: int = 0, out='runs/run', resume: bool = False,
                  views: str | None = None, precision: str = 'auto', workers: int | None = None, knn: bool = True,
-                 progress: bool | None = None, skip_bad: bool = False, keep_optimizer: bool = True, **method_kwargs):
+                 progress: bool | None = None, skip_bad: bool = False, keep_optimizer: bool = True, log=None, **method_kwargs):
     """Pretrain `method` on `data` into run folder `out` (see `fgssl_pretrain`); returns the Learner. The data are checked
     first (`check_for_run`): `skip_bad` leaves unreadable images out; `keep_optimizer=False` (SSL methods) drops the optimiser
     state from the final `checkpoint.pth`."""
@@ -107,6 +107,8 @@ def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18',
     get_method(method)  # fail early on a typo
     if init_distributed() > 1 and not is_main(): sys.stdout = open(os.devnull, 'w')  # one console: rank 0's
     method_kwargs = renamed_options(method, method_kwargs)  # old option names (--kw k=3)
+    from fgssl_nb.runs import check_trackers
+    check_trackers(log)
     out = Path(out); _check_run_dir(out, resume)
     if resume and (out / 'config.json').exists():  # a resumed run keeps its own settings
         cfg = json.loads((out / 'config.json').read_text())
@@ -116,6 +118,7 @@ def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18',
         method_kwargs = renamed_options(cfg['method'], method_kwargs)  # a run folder from before a rename
         skip_bad = cfg.get('skip_bad', skip_bad)  # the images it was started with
         keep_optimizer = cfg.get('keep_optimizer', keep_optimizer)
+        log = log or cfg.get('log')
     ds, data_info = rank0_first(check_for_run, data, out, skip_bad=skip_bad)  # every file read before any training; rank 0 makes the caches
     if resume and (out / 'config.json').exists() and cfg.get('data_check', data_info) != data_info:
         print(f"warning: the data changed since this run started (then {cfg['data_check']}, now {data_info}); "
@@ -123,7 +126,7 @@ def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18',
     set_seed(seed + rank())  # several processes: each its own augmentation stream (DDP starts them all from rank 0's weights)
     config = dict(method=method, data=str(data), arch=arch, pretrained=pretrained, size=size, bs=bs, seed=seed, views=views,
                   precision_asked=precision, workers=workers, method_kwargs=method_kwargs, skip_bad=skip_bad, data_check=data_info,
-                  keep_optimizer=keep_optimizer)
+                  keep_optimizer=keep_optimizer, log=[log] if isinstance(log, str) else list(log or []))
     if is_trainer(method):  # a GAN or a supervised baseline: its own Learner, the same run folder
         if method_kwargs.get('local_views'): raise ValueError(f"{method} takes no local views (multi-crop); drop --local_views")
         print(f"training {method} ({arch}{', ImageNet init' if pretrained else ''}, {size}px, batch {bs}) for {epochs} epochs -> {out}")
@@ -192,11 +195,12 @@ def fgssl_pretrain(method: Param(f"SSL method: {', '.join(method_names('ssl'))};
                    k: Param("old name of --n_dims", float) = None,
                    local_views: Param("multi-crop: this many local views at half the size, besides the 2 global ones (methods with multicrop: "
                                       "see fgssl_nb.learner.SSLMethod)", int) = 0,
+                   log: Param("experiment tracking besides log.csv: tensorboard (<out>/tensorboard) and/or wandb (offline unless WANDB_MODE=online)", str, nargs='*') = None,
                    kw: Param("more method options as key=value, e.g. --kw n_blocks=4 dropout=0.5", str, nargs='*') = None):
     "Pretrain an encoder with a self-supervised method (or a baseline trainer); writes a run folder."
     _check_train_args(size, bs, epochs)
     try: pretrain_run(method, data, arch, pretrained, size, bs, epochs, lr, seed, out, resume, views, precision, workers,
-                      not no_knn, skip_bad=skip_bad, keep_optimizer=not drop_optimizer,
+                      not no_knn, skip_bad=skip_bad, keep_optimizer=not drop_optimizer, log=log,
                       **_method_kwargs(criterion, alpha, nu, n_dims if n_dims is not None else k, kw), **({'local_views': local_views} if local_views else {}))
     except user_errors() as e: die(str(e))
 

@@ -16,7 +16,7 @@ from fastai.torch_core import trainable_params
 from .models import create_encoder, ssl_splitter, Encoder
 from .precision import DeviceMixedPrecision, resolve_precision
 from .optim import fast_adam
-from .runs import (RunState, get_run_state, RunCheckpoint, RunCSVLogger, RESUME_HINT, atomic_write_text,
+from .runs import (RunState, get_run_state, RunCheckpoint, RunCSVLogger, RESUME_HINT, atomic_write_text, tracking_callbacks,
                            resume_from_checkpoint, save_encoder, export_checkpoint)
 from .registry import get_method, is_trainer, method_options
 from .distributed import init_distributed, distribute, world_size, is_main, unwrap, solo, barrier, bn_note, peer_failure
@@ -281,9 +281,10 @@ def _trim_log(run_dir: Path, n_rows: int):
 
 def pretrain(learn: Learner, epochs: int, lr: float | None = None, run_dir=None, resume: bool = False,
              config: dict | None = None, pct_start: float = 0.1, progress: bool | None = None,
-             keep_optimizer: bool = True) -> Learner:
+             keep_optimizer: bool = True, log=None) -> Learner:
     """Train `learn` for `epochs` (one-cycle: warm-up then cosine decay) in `run_dir`, resuming if asked.
-    `keep_optimizer=False`: once all epochs are done, drop the optimiser state from `checkpoint.pth` (see `export_checkpoint`)."""
+    `keep_optimizer=False`: once all epochs are done, drop the optimiser state from `checkpoint.pth` (see `export_checkpoint`).
+    `log`: experiment tracking besides `log.csv`, 'tensorboard' and/or 'wandb' (default: `config['log']`)."""
     if progress is None: progress = sys.stdout.isatty() or _in_notebook()
     run_dir = Path(run_dir or learn.path); run_dir.mkdir(parents=True, exist_ok=True)
     learn.path = run_dir
@@ -307,6 +308,7 @@ def pretrain(learn: Learner, epochs: int, lr: float | None = None, run_dir=None,
     run.resume_epoch, run.epochs_done = start, start
     if start < epochs:
         cbs = [RunCSVLogger('log.csv', append=resume)]  # fastai puts it under learn.path = run_dir
+        cbs += tracking_callbacks(log if log is not None else (config or {}).get('log'), run_dir, f"{run.method} {run_dir.name}", config)
         if not any(isinstance(c, RunCheckpoint) for c in learn.cbs): cbs.append(RunCheckpoint(run_dir))
         with (learn.no_bar() if not progress else contextlib.nullcontext()):
             try: learn.fit_one_cycle(epochs, lr, pct_start=pct_start, start_epoch=start, cbs=cbs)

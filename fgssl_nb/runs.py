@@ -4,7 +4,7 @@
 
 # %% ../nbs/03c_runs.ipynb #5712883a
 from __future__ import annotations
-import contextlib, errno, os, random, shutil
+import contextlib, errno, importlib.util, os, random, shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,9 +18,9 @@ from .distributed import world_size, rank, is_main, unwrap
 import torch.distributed as dist
 
 # %% auto #0
-__all__ = ['RESUME_HINT', 'RunState', 'get_run_state', 'WriteError', 'write_error', 'state_nbytes', 'atomic_save',
+__all__ = ['RESUME_HINT', 'TRACKERS', 'RunState', 'get_run_state', 'WriteError', 'write_error', 'state_nbytes', 'atomic_save',
            'atomic_write_text', 'append_line', 'RunCheckpoint', 'RunCSVLogger', 'resume_from_checkpoint',
-           'save_encoder', 'load_encoder', 'export_checkpoint']
+           'save_encoder', 'load_encoder', 'export_checkpoint', 'check_trackers', 'tracking_callbacks']
 
 # %% ../nbs/03c_runs.ipynb #bcbfef57
 @dataclass
@@ -259,3 +259,60 @@ def export_checkpoint(src, dest, keep_optimizer: bool = False) -> Path:
     dest = Path(dest); dest = dest / f.name if dest.is_dir() else dest
     atomic_save(ck, dest)
     return dest
+
+# %% ../nbs/03c_runs.ipynb #3de4ec23
+TRACKERS = ('tensorboard', 'wandb')
+
+def _tensorboard_cb():
+    "fastai's TensorBoardCallback, adapted to resumable runs (imported on demand: tensorboard is optional)."
+    try:
+        from fastai.callback.tensorboard import TensorBoardCallback
+        import torch.utils.tensorboard  # noqa: F401  (needs the tensorboard package)
+    except ImportError as e: raise ImportError("--log tensorboard needs the tensorboard package: pip install tensorboard") from e
+    class RunTensorBoard(TensorBoardCallback):
+        "TensorBoard scalars of a resumable run: steps counted from epoch 0, no rows for skipped epochs, rank 0 only."
+        def __init__(self, log_dir): super().__init__(log_dir=str(log_dir), trace_model=False, log_preds=False)
+        def _step(self) -> int: return self.epoch * len(self.dls.train) + getattr(self, 'iter', 0) + 1
+        def _live(self) -> bool: return self.run and self.epoch >= get_run_state(self.learn).resume_epoch
+        def before_fit(self):
+            super().before_fit()
+            self.run = self.run and is_main()
+        def after_batch(self):
+            if not (self.training and self._live()): return
+            self.writer.add_scalar('train_loss', float(self.smooth_loss), self._step())
+            for i, h in enumerate(self.opt.hypers):
+                for k, v in h.items():
+                    if isinstance(v, (int, float)): self.writer.add_scalar(f'{k}_{i}', v, self._step())
+        def after_epoch(self):
+            if not self._live(): return
+            step = (self.epoch + 1) * len(self.dls.train)
+            for n, v in zip(self.recorder.metric_names[2:-1], self.recorder.log[2:-1]):  # train_loss: per batch above
+                if isinstance(v, (int, float)) and not isinstance(v, bool): self.writer.add_scalar(n, v, step)
+            self.writer.flush()
+    return RunTensorBoard
+
+def _wandb_cb(run_dir: Path, name: str, config: dict):
+    try:
+        import wandb
+        from fastai.callback.wandb import WandbCallback
+    except ImportError as e: raise ImportError("--log wandb needs the wandb package: pip install wandb") from e
+    os.environ.setdefault('WANDB_MODE', 'offline')  # no account, no network: sync later with `wandb sync`
+    if wandb.run is None: wandb.init(project='fgssl_nb', name=name, dir=str(run_dir), config=config)
+    return WandbCallback(log_preds=False, log_model=False)
+
+def check_trackers(log) -> list[str]:
+    "`log` as a list of known trackers whose package is installed, or a one-line error (before anything is computed)."
+    log = [log] if isinstance(log, str) else list(log or [])
+    bad = [l for l in log if l not in TRACKERS]
+    if bad: raise ValueError(f"--log takes {' and/or '.join(TRACKERS)}, got {', '.join(map(repr, bad))}")
+    for l, mod in (('tensorboard', 'tensorboard'), ('wandb', 'wandb')):
+        if l in log and importlib.util.find_spec(mod) is None: raise ImportError(f"--log {l} needs the {mod} package: pip install {mod}")
+    return log
+
+def tracking_callbacks(log, run_dir, name: str = 'run', config: dict | None = None) -> list:
+    "The callbacks for `log` ('tensorboard', 'wandb', a list of them, or None) writing into `run_dir` (rank 0 only)."
+    log = check_trackers(log)
+    cbs = []
+    if 'tensorboard' in log: cbs.append(_tensorboard_cb()(Path(run_dir) / 'tensorboard'))
+    if 'wandb' in log and is_main(): cbs.append(_wandb_cb(Path(run_dir), name, config or {}))
+    return cbs
