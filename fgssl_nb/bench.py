@@ -90,17 +90,19 @@ def format_rows(rows: list[dict]) -> str:
 def timed_fit(learn, n_batches: int, skip: int = 2) -> float:
     "Source images/s of `learn` over `n_batches` training batches (after `skip`), validation excluded."
     from fastai.callback.core import Callback
-    from fastai.learner import CancelFitException
+    from fastai.learner import CancelFitException, CancelValidException
     class Timer(Callback):
         order = 100
         def before_fit(self): self.n, self.t0 = 0, None
+        def before_validate(self): raise CancelValidException  # between epochs: not timed work
         def before_batch(self):
-            if self.iter == skip: _sync(self.dls.device); self.t0 = time.perf_counter()
-        def after_batch(self):
-            if self.iter >= skip: self.n += self.dls.train.bs
-            if self.iter + 1 == skip + n_batches: _sync(self.dls.device); self.t1 = time.perf_counter(); raise CancelFitException
+            if self.train_iter == skip: _sync(self.dls.device); self.t0 = time.perf_counter()  # batches done so far
+        def after_batch(self):  # after TrainEvalCallback's: train_iter counts this batch
+            if self.train_iter > skip: self.n += self.dls.train.bs
+            if self.train_iter == skip + n_batches: _sync(self.dls.device); self.t1 = time.perf_counter(); raise CancelFitException
     t = Timer()
-    with learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=[t])
+    epochs = -(-(skip + n_batches) // len(learn.dls.train))  # small data sets or big batches: go on into the next epochs
+    with learn.no_bar(), learn.no_logging(): learn.fit(epochs, cbs=[t])
     return t.n / (t.t1 - t.t0)
 
 def _clear_cache(dls):
@@ -110,9 +112,16 @@ def _clear_cache(dls):
             if hasattr(f, 'memo'): f.memo.clear()
 
 def _without_views(learn):
-    "`learn` with its view pipelines replaced by normalisation only: what it costs without making views."
-    from fgssl_nb.augment import ViewPipeline
-    learn.run_state.method_cb.pipelines = [ViewPipeline([], name='none') for _ in learn.run_state.method_cb.pipelines]
+    """`learn` with its view pipelines replaced by normalisation only: what it costs without making views. A local
+    (multi-crop) pipeline keeps a plain resize to its size, so that the views still group by resolution as in training."""
+    from fgssl_nb.augment import ViewPipeline, RandResizedCrop
+    def bare(p):
+        crop = [t for t in p.tfms if isinstance(t, RandResizedCrop)] if p.local else []
+        q = ViewPipeline([RandResizedCrop(crop[0].size, scale=(1, 1), ratio=(1, 1))] if crop else [], name='none')
+        q.local = p.local
+        return q
+    cb = learn.run_state.method_cb
+    cb.pipelines = [bare(p) for p in cb.pipelines]
     return learn
 
 def plain_fp32_throughput(data='default', size: int = 64, bs: int = 64, n_batches: int = 8, workers: int = 2) -> float:

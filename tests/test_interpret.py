@@ -12,7 +12,8 @@ from fgssl_nb.data import read_dataset, normalize
 from fgssl_nb.evaluate import Normalized
 from fgssl_nb.models import create_encoder, SSLModel, mlp
 from fgssl_nb.interpret import (grad_cam, default_target_layer, to_image, show_cam, cam_grid, pair_grid, class_separation,
-                                variance_dims, feature_densities, variance_spectrum, image_boxes, load_boxed, box_mass, peak_in_box)
+                                variance_dims, feature_densities, variance_spectrum, image_boxes, load_boxed, box_mass, peak_in_box,
+                                tsne_embed, tsne_plot)
 
 
 @pytest.fixture(autouse=True)
@@ -220,6 +221,42 @@ def test_image_boxes_follow_resize_and_crop(birds, tmp_path):
     assert xb.shape == (2, 3, 32, 32) and 0 <= xb.min() and xb.max() <= 1 and yb.tolist() == ds.labels[[0, 5]].tolist()
     with pytest.raises(ValueError, match='crop_to_box'): image_boxes(read_dataset(birds, crop_to_box=True), [0])
 
+
+
+def _loo_knn(x, y, k=5):
+    "Leave-one-out k-NN top-1 (Euclidean, majority vote)."
+    d = ((x[:, None] - x[None]) ** 2).sum(-1); np.fill_diagonal(d, np.inf)
+    votes = y[np.argsort(d, 1)[:, :k]]
+    return float((np.array([np.bincount(v, minlength=y.max() + 1).argmax() for v in votes]) == y).mean())
+
+
+def test_tsne_plot_one_panel_per_set_and_clusters_stay_apart():
+    "Three classes 8.5 apart in 40-d (unit noise): 5-NN in the plane is perfect, also after a rotation of the features."
+    pytest.importorskip('sklearn')
+    rng = np.random.default_rng(1)
+    y = np.arange(90) % 3
+    x = rng.normal(size=(90, 40)); x[np.arange(90), y] += 6.0               # class c: mean 6 along axis c
+    q, _ = np.linalg.qr(rng.normal(size=(40, 40)))                          # a random rotation: same distances
+    assert _loo_knn(x, y) == 1.0
+    fig, axs = plt.subplots(1, 2)
+    out = tsne_plot({'clusters': torch.tensor(x, dtype=torch.float32), 'rotated': x @ q}, torch.tensor(y),
+                    classes=['a', 'b', 'c'], axs=axs)
+    assert out is fig and len(fig.axes) == 2
+    assert [ax.get_title() for ax in fig.axes] == ['clusters', 'rotated']
+    assert all(len(ax.collections) == 3 for ax in fig.axes)                 # one scatter per class
+    assert [t.get_text() for t in fig.axes[1].get_legend().get_texts()] == ['a', 'b', 'c']
+    for name, emb in out.embeddings.items():
+        assert emb.shape == (90, 2) and np.isfinite(emb).all()
+        assert _loo_knn(emb, y) == 1.0, name
+        centres = np.stack([emb[y == c].mean(0) for c in range(3)])
+        spread = max(np.linalg.norm(emb[y == c] - centres[c], axis=1).mean() for c in range(3))
+        gaps = [np.linalg.norm(centres[a] - centres[b]) for a in range(3) for b in range(a + 1, 3)]
+        assert min(gaps) > 2 * spread, (name, gaps, spread)
+    np.testing.assert_array_equal(tsne_embed(x), out.embeddings['clusters'])   # same features, same seed
+    assert len(tsne_plot({'one': x}, y).axes) == 1
+    with pytest.raises(ValueError, match='90 rows for 3 labels'): tsne_plot({'a': x}, y[:3])
+    with pytest.raises(ValueError, match='axs holds 2'): tsne_plot({'a': x}, y, axs=axs)
+    with pytest.raises(ValueError, match='perplexity'): tsne_embed(x[:10], perplexity=10)
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 def test_cuda_model_cpu_input():

@@ -117,8 +117,10 @@ def test_pmg_beats_chance_on_train(small):
     set_seed(0)
     dls = labeled_dls(ds, size=32, bs=8, num_workers=0)
     learn = pmg_learner(dls, width=0.25, scale=(0.8, 1), precision='fp32')
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(6, 0.05, moms=learn.moms)
-    assert _train_top1(learn, dls) > 0.3  # chance 0.125; seeds 0-3 gave 0.44-0.81
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(12, 0.05, moms=learn.moms)
+    # chance 0.125. 12 epochs, seeds 0-3: 0.50-0.75 (Intel Xeon avx512_bf16, 2026-12-03); 6 epochs, as before,
+    # gave 0.44-0.81 on one machine but 0.19-0.31 on that one: too few for a check that holds across CPUs
+    assert _train_top1(learn, dls) > 0.3
     assert learn.opt.hypers[0]['mom'] == 0.9 and learn.opt.hypers[0]['wd'] == 2e-3
 
 
