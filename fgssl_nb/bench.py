@@ -13,7 +13,7 @@ from fastcore.script import call_parse, Param, store_true
 # %% auto #0
 __all__ = ['STEP_PARTS', 'view_methods', 'model_throughput', 'loader_throughput', 'bench_loader', 'format_rows', 'timed_fit',
            'plain_fp32_throughput', 'bench_methods', 'fgssl_bench', 'step_parts', 'bare_parts', 'bench_parts',
-           'bench_eval', 'bench_fp32']
+           'bench_eval', 'bench_fp32', 'bench_decoder']
 
 # %% ../nbs/90_bench.ipynb #b09c470f
 def view_methods() -> list[str]:
@@ -200,7 +200,7 @@ def bench_methods(methods=None, data='default', size: int = 64, bs: int = 64,
     return rows
 
 @call_parse
-def fgssl_bench(what: Param("what to measure: 'loader' (ssl_dls vs ResNet-18 training images/s), 'methods' (SSL training images/s), 'parts' (ms per step part), 'eval' (evaluation vs one forward pass) or 'fp32' (levers on the fp32 step)", str, nargs='?', opt=False) = 'loader',
+def fgssl_bench(what: Param("what to measure: 'loader' (ssl_dls vs ResNet-18 training images/s), 'methods' (SSL training images/s), 'parts' (ms per step part), 'eval' (evaluation vs one forward pass), 'fp32' (levers on the fp32 step) or 'decoder' (system 2's decoder warm-up and perceptual term)", str, nargs='?', opt=False) = 'loader',
                 arch: Param("eval: encoder architecture", str) = 'resnet18',
                 pretrained: Param("eval: ImageNet weights (offline: efficientnet_lite0)", store_true) = False,
                 data: Param("data folder, or 'default' for the built-in toy birds", str) = 'default',
@@ -214,7 +214,7 @@ def fgssl_bench(what: Param("what to measure: 'loader' (ssl_dls vs ResNet-18 tra
     "Print throughput benchmarks of this machine."
     import torch
     from fgssl_nb.precision import cpu_has_bf16
-    if what not in ('loader', 'methods', 'parts', 'eval', 'fp32'): raise SystemExit(f"fgssl_bench: unknown benchmark {what!r}; available: loader, methods, parts, eval, fp32")
+    if what not in ('loader', 'methods', 'parts', 'eval', 'fp32', 'decoder'): raise SystemExit(f"fgssl_bench: unknown benchmark {what!r}; available: loader, methods, parts, eval, fp32, decoder")
     if batches < 1 or rounds < 1: raise SystemExit(f"fgssl_bench: --batches and --rounds must be at least 1, got {batches} and {rounds}")
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"bf16 CPU: {cpu_has_bf16()}, CUDA: {torch.cuda.is_available()}")
@@ -226,6 +226,10 @@ def fgssl_bench(what: Param("what to measure: 'loader' (ssl_dls vs ResNet-18 tra
         rows = bench_eval(data, arch, pretrained, sizes[0], bs, workers)
         print(format_rows(rows))
         print("seconds; forward_s = the encoder's fp32 forward over as many ready tensors; ratio = whole evaluation / forward_s (goal <= 1.3)")
+    elif what == 'decoder':
+        rows = bench_decoder(data, arch, pretrained, sizes[0], bs)  # e.g. --arch efficientnet_lite0 --pretrained --sizes 96
+        print(format_rows(rows))
+        print("warm-up epoch: seconds over the pretext pool and its mirror images (features cached); joint step: images/s, ratio = MoCo v2 / synth-moco time per image")
     elif what == 'fp32':
         rows = bench_fp32(data, sizes[0], n_batches=batches, rounds=rounds)
         print(format_rows(rows))
@@ -384,3 +388,31 @@ def bench_fp32(data='default', size: int = 64, n_batches: int = 8, rounds: int =
     base = rows[0]['images_s']
     for r in rows: r['ratio'] = round(r['images_s'] / base, 2)
     return rows
+
+# %% ../nbs/90_bench.ipynb #dbc289c8
+def bench_decoder(data='default', arch: str = 'efficientnet_lite0', pretrained: bool = True, size: int = 96, bs: int = 64,
+                  forms=('upsample', 'resnet'), steps: int = 4) -> list[dict]:
+    """Seconds per warm-up epoch of each decoder `form`, with and without the perceptual term, on the pretext pool of `data`;
+    then images/s of synth-moco vs MoCo v2 training steps (`steps` timed), with and without the perceptual term."""
+    import torch
+    from fgssl_nb.data import read_dataset, ssl_dls
+    from fgssl_nb.models import create_encoder
+    from fgssl_nb.precision import resolve_precision
+    from fgssl_nb.synth import FeatureDecoder, decoder_warmup, synth_overhead, _pool_images
+    ds = read_dataset(data)
+    enc = create_encoder(arch, pretrained=pretrained)
+    imgs = _pool_images(ssl_dls(ds, size=size, bs=bs, num_workers=0).train)
+    prec = resolve_precision('auto', torch.device('cpu'))
+    rows = []
+    for form in forms:
+        for perc in (0.0, 1.0):
+            dec = FeatureDecoder(enc.num_features, size, form=form)
+            t0 = time.perf_counter(); decoder_warmup(enc, dec, imgs, 1, bs=bs, perceptual=perc, precision=prec)
+            rows.append(dict(part='warm-up epoch', form=form, perceptual=perc, images=2 * len(imgs), precision=prec,
+                             params_M=round(sum(p.numel() for p in dec.parameters()) / 1e6, 2), seconds=round(time.perf_counter() - t0, 1)))
+    for perc in (0.0, 1.0):
+        r = synth_overhead('moco', size=size, bs=bs, steps=steps, skip=1, arch=arch, pretrained=pretrained, perceptual=perc)
+        rows.append(dict(part='joint step', form='upsample', perceptual=perc, precision=r['precision'],
+                         moco_img_s=round(r['base'], 1), synth_img_s=round(r['synth'], 1), ratio=round(r['ratio'], 2)))
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return [{k: r.get(k, '-') for k in keys} for r in rows]  # one set of columns for `format_rows`

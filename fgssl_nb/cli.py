@@ -13,9 +13,10 @@ from .registry import method_names  # reads fgssl_nb/methods.txt: no method is i
 # torch and fastai (through fgssl_nb.data) are imported inside the functions: every `--help` answers at once
 
 # %% auto #0
-__all__ = ['REF_BS', 'RENAMED', 'EVAL_PROTOCOLS', 'METRIC_COLS', 'die', 'user_errors', 'save_batch_grid', 'data_summary',
-           'lr_rule', 'scale_lr', 'renamed_options', 'pretrain_run', 'parse_kw', 'fgssl_pretrain', 'evaluate_run',
-           'fgssl_eval', 'results_table', 'demo_views', 'demo', 'fgssl_demo']
+__all__ = ['REF_BS', 'RENAMED', 'SYNTH_IMAGENET', 'SYNTH_SCRATCH', 'PRETRAINED_OPTIONS', 'EVAL_PROTOCOLS', 'METRIC_COLS', 'die',
+           'user_errors', 'save_batch_grid', 'data_summary', 'lr_rule', 'scale_lr', 'renamed_options', 'start_options',
+           'pretrain_run', 'parse_kw', 'fgssl_pretrain', 'evaluate_run', 'fgssl_eval', 'results_table', 'demo_views',
+           'demo', 'fgssl_demo']
 
 # %% ../nbs/40_cli.ipynb #cd34b558
 def die(msg: str):
@@ -91,6 +92,19 @@ def renamed_options(method: str, options: dict) -> dict:
         if method.startswith(prefix) and old in out and new not in out: out[new] = out.pop(old)
     return out
 
+# Synthesized pairs from an ImageNet start (20_synth_pairs says what was measured): the reconstruction loss kept out of the
+# encoder, a small pair-loss weight, and a decoder that first learns to draw (warm-up on cached features, perceptual term)
+# and then moves slowly (decoder_lr_mult 0.1: at 10 a joint epoch undid the warm-up); noise in units of the mean std,
+# twice it (one std of each low-variance dim changed the decoded image by 5-7 % of the distance to another image)
+SYNTH_IMAGENET = dict(rec_to_encoder=False, nu=0.1, decoder_warmup=5, perceptual=1.0, decoder_lr_mult=0.1,
+                      noise_ref='mean', noise_scale=2.0)
+SYNTH_SCRATCH = dict(alpha=1.0, nu=1.0, n_dims=0.25, decoder_warmup=0, perceptual=0.0)  # SynthPairs' own defaults (tested)
+PRETRAINED_OPTIONS = {'synth-moco': SYNTH_IMAGENET, 'synth-simsiam': SYNTH_IMAGENET}
+
+def start_options(method: str, pretrained: bool, options: dict) -> dict:
+    "`options` completed with the settings of `method` for its start: with `pretrained`, `PRETRAINED_OPTIONS[method]` fill in what `options` leaves out."
+    return {**PRETRAINED_OPTIONS.get(method, {}), **options} if pretrained else dict(options)
+
 def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18', pretrained: bool = False, size: int = 64,
                  bs: int = 64, epochs: int = 20, lr: float | None = None, seed: int = 0, out='runs/run', resume: bool = False,
                  views: str | None = None, precision: str = 'auto', workers: int | None = None, knn: bool = True,
@@ -119,6 +133,7 @@ def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18',
         skip_bad = cfg.get('skip_bad', skip_bad)  # the images it was started with
         keep_optimizer = cfg.get('keep_optimizer', keep_optimizer)
         log = log or cfg.get('log')
+    method_kwargs = start_options(method, pretrained, method_kwargs)  # an ImageNet start: its own settings (config.json records them)
     ds, data_info = rank0_first(check_for_run, data, out, skip_bad=skip_bad)  # every file read before any training; rank 0 makes the caches
     if resume and (out / 'config.json').exists() and cfg.get('data_check', data_info) != data_info:
         print(f"warning: the data changed since this run started (then {cfg['data_check']}, now {data_info}); "
@@ -159,10 +174,10 @@ def parse_kw(pairs) -> dict:
         except (ValueError, SyntaxError): out[k] = v  # a plain word: keep it as a string
     return out
 
-def _method_kwargs(criterion=None, alpha=None, nu=None, n_dims=None, kw=None) -> dict:
+def _method_kwargs(criterion=None, alpha=None, nu=None, n_dims=None, kw=None, decoder_warmup=None) -> dict:
     "The method options given on the command line (absent ones keep the method's defaults)."
     k = n_dims
-    d = {n: v for n, v in dict(criterion=criterion, alpha=alpha, nu=nu, n_dims=k).items() if v is not None}
+    d = {n: v for n, v in dict(criterion=criterion, alpha=alpha, nu=nu, n_dims=k, decoder_warmup=decoder_warmup).items() if v is not None}
     if criterion is not None and criterion not in ('variance', 'gradcam', 'both'):
         raise ValueError(f"--criterion must be variance, gradcam or both, got {criterion!r}")
     if isinstance(k, float) and not (0 < k < 1) and k != int(k): raise ValueError(f"--n_dims must be a count or a fraction in (0, 1), got {k}")
@@ -189,9 +204,14 @@ def fgssl_pretrain(method: Param(f"SSL method: {', '.join(method_names('ssl'))};
                    skip_bad: Param("leave unreadable images out of the run instead of stopping: listed in <out>/skipped.txt, counted in config.json and metrics.json", store_true) = False,
                    drop_optimizer: Param("SSL methods only: after the last epoch, drop the optimiser state from checkpoint.pth (a third of the size for Adam methods; the run cannot be extended then)", store_true) = False,
                    criterion: Param("synth-*: non-discriminative dims by variance, gradcam or both", str) = None,
-                   alpha: Param("synth-*: weight of the reconstruction loss L_R", float) = None,
-                   nu: Param("synth-*: weight of the synthesized-pair loss L_Cp", float) = None,
-                   n_dims: Param("synth-*: number (>= 1) or fraction (< 1) of feature dims perturbed", float) = None,
+                   alpha: Param(f"synth-*: weight of the reconstruction loss L_R (default {SYNTH_SCRATCH['alpha']:g}, from ImageNet too)", float) = None,
+                   nu: Param(f"synth-*: weight of the synthesized-pair loss L_Cp (default {SYNTH_SCRATCH['nu']:g} from scratch, "
+                             f"{SYNTH_IMAGENET['nu']:g} with --pretrained)", float) = None,
+                   n_dims: Param(f"synth-*: number (>= 1) or fraction (< 1) of feature dims perturbed (default {SYNTH_SCRATCH['n_dims']:g}, from ImageNet too)", float) = None,
+                   decoder_warmup: Param(f"synth-*: epochs the decoder trains alone on cached features of the starting encoder before the joint "
+                                         f"phase (default {SYNTH_SCRATCH['decoder_warmup']} from scratch, {SYNTH_IMAGENET['decoder_warmup']} with "
+                                         "--pretrained, which also sets " + ', '.join(f"{k}={v}" for k, v in SYNTH_IMAGENET.items() if k not in ('nu', 'decoder_warmup'))
+                                         + "; --kw overrides any)", int) = None,
                    k: Param("old name of --n_dims", float) = None,
                    local_views: Param("multi-crop: this many local views at half the size, besides the 2 global ones (methods with multicrop: "
                                       "see fgssl_nb.learner.SSLMethod)", int) = 0,
@@ -201,11 +221,11 @@ def fgssl_pretrain(method: Param(f"SSL method: {', '.join(method_names('ssl'))};
     _check_train_args(size, bs, epochs)
     try: pretrain_run(method, data, arch, pretrained, size, bs, epochs, lr, seed, out, resume, views, precision, workers,
                       not no_knn, skip_bad=skip_bad, keep_optimizer=not drop_optimizer, log=log,
-                      **_method_kwargs(criterion, alpha, nu, n_dims if n_dims is not None else k, kw), **({'local_views': local_views} if local_views else {}))
+                      **_method_kwargs(criterion, alpha, nu, n_dims if n_dims is not None else k, kw, decoder_warmup), **({'local_views': local_views} if local_views else {}))
     except user_errors() as e: die(str(e))
 
 # %% ../nbs/40_cli.ipynb #d87b3646
-EVAL_PROTOCOLS = ('linear', 'knn', 'retrieval', 'finetune', 'label_efficiency', 'head')
+EVAL_PROTOCOLS = ('linear', 'knn', 'retrieval', 'finetune', 'label_efficiency', 'head', 'decoder')
 
 def _merge_json(f: Path, new: dict) -> dict:
     "Update the JSON object in `f` with `new`, through a temporary file and a rename (a failed write keeps the old file)."
@@ -250,28 +270,40 @@ def evaluate_run(run_dir=None, data=None, protocols=('linear', 'knn', 'retrieval
         enc = create_encoder(arch, pretrained=encoder == 'imagenet')
         data, size, out = data or 'default', size or 64, Path(out)
         desc = dict(encoder=encoder, method=f'{encoder}-init', arch=arch)
+    if 'decoder' in protocols and encoder is not None:
+        raise ValueError("--protocols decoder evaluates the decoder of a synth-* run: give its run folder, not --encoder")
+    if 'decoder' in protocols and not (run_dir / 'decoder.pth').exists():
+        raise FileNotFoundError(f"{run_dir / 'decoder.pth'} does not exist: --protocols decoder needs a finished run of a synth-* method "
+                                f"(synth-moco, synth-simsiam); this run is {cfg.get('method', 'of an unknown method')}")
+    if 'decoder' in protocols:  # a decoder of another encoder: refused before anything is computed
+        from fgssl_nb.synth import load_decoder
+        load_decoder(run_dir / 'decoder.pth', enc)
     out.mkdir(parents=True, exist_ok=True)
     ds, data_info = check_for_run(data, out, skip_bad=skip_bad)  # before the slow work
     t0 = time.perf_counter()
     le = 'label_efficiency' in protocols
     protos = tuple(dict.fromkeys([p for p in protocols if p != 'label_efficiency'] + (['linear'] if le else [])))
-    frozen = tuple(p for p in protos if p not in ('finetune', 'head'))
-    m, feats = evaluate_encoder(enc, ds, size=size, bs=bs, protocols=frozen, num_workers=workers, return_features=True)
+    frozen = tuple(p for p in protos if p not in ('finetune', 'head', 'decoder'))
+    m, feats = evaluate_encoder(enc, ds, size=size, bs=bs, protocols=frozen, num_workers=workers, return_features=True) if frozen else ({}, {})
     m = {k: float(v) for k, v in m.items() if np.isscalar(v)}
-    _merge_json(out / 'metrics.json', dict(m, **desc, **data_info, data=str(data), size=size))  # saved before the slower protocols
+    if frozen: _merge_json(out / 'metrics.json', dict(m, **desc, **data_info, data=str(data), size=size))  # saved before the slower protocols
     if le: m.update(_label_efficiency(feats, out, desc['method']))
     if 'finetune' in protos: m.update({k: float(v) for k, v in evaluate_encoder(enc, ds, size=size, bs=bs, protocols=('finetune',), num_workers=workers).items()})
     if 'head' in protos:  # SPEC's SRGAN downstream: frozen generator (or discriminator) + conv/fc head with dropout
         if getattr(enc, 'arch', None) not in ('srgan_g', 'srgan_d'): raise ValueError(f"--protocols head is the SRGAN classifier; this encoder is {enc.arch}")
         from fgssl_nb.srgan import srgan_head_eval
         m['head_top1'] = srgan_head_eval(enc, ds, size=size, seed=seed, num_workers=workers)['head_top1']
+    if 'decoder' in protos:  # system 2: what the synthesized images keep (decoder_pairs.png beside metrics.json)
+        from fgssl_nb.synth import evaluate_decoder
+        m.update(evaluate_decoder(run_dir, enc, ds, size=size, bs=bs, out=out, seed=seed, num_workers=workers))
     return _merge_json(out / 'metrics.json', dict(m, **desc, **data_info, data=str(data), size=size,
                                                   eval_seconds=round(time.perf_counter() - t0, 1)))
 
 @call_parse
 def fgssl_eval(run_dir: Param("run folder written by fgssl_pretrain", str, nargs='?', opt=False) = None,
                data: Param("data folder (default: the run's own data)", str) = None,
-               protocols: Param("any of: linear knn retrieval finetune label_efficiency head (head: SRGAN's dropout classifier)", str, nargs='+') = ('linear', 'knn', 'retrieval'),
+               protocols: Param("any of: linear knn retrieval finetune label_efficiency head decoder (head: SRGAN's dropout classifier; decoder: "
+                                "a synth-* run's decoded test images, k-NN top-1 of g(h) and g(h~), pair change, PSNR, and decoder_pairs.png)", str, nargs='+') = ('linear', 'knn', 'retrieval'),
                encoder: Param("evaluate a baseline instead of a run: random or imagenet", str) = None,
                arch: Param("architecture of the --encoder baseline", str) = 'resnet18',
                size: Param("image size in px (default: the run's)", int) = None,

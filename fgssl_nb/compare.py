@@ -10,17 +10,15 @@ import numpy as np, pandas as pd
 import matplotlib
 from fastcore.script import call_parse, Param, store_true
 from .registry import get_method
-from .cli import pretrain_run, evaluate_run, scale_lr, METRIC_COLS, user_errors, die
+from .cli import pretrain_run, evaluate_run, scale_lr, METRIC_COLS, user_errors, die, SYNTH_IMAGENET, start_options
 
 # %% auto #0
-__all__ = ['SYSTEM1_VIEWS', 'SYNTH_IMAGENET', 'GRIDS', 'PRESETS', 'RUN_DEFAULTS', 'METRICS', 'resolve_entry', 'slug',
-           'SettingMismatch', 'run_entry', 'run_grid', 'summarize', 'results_markdown', 'plot_results', 'fgssl_compare']
+__all__ = ['SYSTEM1_VIEWS', 'GRIDS', 'PRESETS', 'RUN_DEFAULTS', 'METRICS', 'resolve_entry', 'slug', 'SettingMismatch',
+           'run_entry', 'run_grid', 'summarize', 'results_markdown', 'plot_results', 'fgssl_compare']
 
 # %% ../nbs/50_compare.ipynb #756ababd
 SYSTEM1_VIEWS = ('gamma', 'dropout', 'regions', 'patchswap', 'dcl', 'jigsaw')
 
-# The synthesized-pair settings for an ImageNet-initialised encoder (20_synth_pairs says why and what was measured)
-SYNTH_IMAGENET = dict(rec_to_encoder=False, nu=0.1)
 
 GRIDS: dict[str, list[dict]] = {
     # System 1 (SSL for fine-grained classification): pretext tasks, SimCLR and its fine-grained views, baselines
@@ -46,10 +44,10 @@ GRIDS: dict[str, list[dict]] = {
     # supervised training on the labels (fine-tuning from ImageNet, the encoder at a tenth of the head's rate)
     'lcr': [dict(name='init', encoder='init'),
             dict(name='moco', method='moco'),
-            *[dict(name=f'synth-moco ({c})', method='synth-moco', kw=dict(criterion=c), kw_pretrained=SYNTH_IMAGENET)
+            *[dict(name=f'synth-moco ({c})', method='synth-moco', kw=dict(criterion=c))
               for c in ('variance', 'gradcam')],
             dict(name='simsiam', method='simsiam'),
-            dict(name='synth-simsiam (variance)', method='synth-simsiam', kw=dict(criterion='variance'), kw_pretrained=SYNTH_IMAGENET),
+            dict(name='synth-simsiam (variance)', method='synth-simsiam', kw=dict(criterion='variance')),
             dict(name='supervised', method='supervised', kw_pretrained=dict(encoder_lr_mult=0.1))],
 }
 

@@ -65,6 +65,7 @@ class SSLMethod(Callback):
     - `__init__(self, pipelines, <option>=<default>, ..., **kwargs)`: the method's options with their defaults,
       then `super().__init__(pipelines, **kwargs)`.
     - `extra_callbacks(self) -> list` [[]]: more callbacks the method needs (gradient clipping, a wrapper's).
+    - `export_files(self, run_dir)` [nothing]: files to write besides encoder.pth when training finishes (rank 0 only).
     - `default_views(cls, size, views=None, local_views=0, local_size=None) -> list` [the recipe's pipelines]:
       override for other defaults (e.g. local views unless asked otherwise) or for inputs that are not a
       recipe's views (jigsaw makes tiles: it sets `view_inputs = False` [True], and `views` no longer applies).
@@ -102,6 +103,8 @@ class SSLMethod(Callback):
     def extra_callbacks(self) -> list:
         "More callbacks the method needs next to itself (a wrapper such as the synthesized pairs of `synth` adds one)."
         return []
+    def export_files(self, run_dir):
+        "Write the method's own files into `run_dir` when training finishes, besides encoder.pth (the synthesized pairs: decoder.pth)."
     @classmethod
     def default_views(cls, size: int, views: str | None = None, local_views: int = 0, local_size: int | None = None) -> list:
         "`n_views` global pipelines of recipe `views` (default: `view_recipe`) at `size`, then `local_views` local ones."
@@ -326,6 +329,7 @@ def pretrain(learn: Learner, epochs: int, lr: float | None = None, run_dir=None,
         if is_main():
             save_encoder(unwrap(enc), run_dir / 'encoder.pth', hint="run again with resume=True (--resume) to write it",
                          method=run.method, epochs=epochs)
+            if run.method_cb is not None: run.method_cb.export_files(run_dir)
             if not keep_optimizer and (run_dir / 'checkpoint.pth').exists(): export_checkpoint(run_dir, run_dir / 'checkpoint.pth')
     barrier()  # every process returns with the run folder complete
     return learn

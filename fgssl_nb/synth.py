@@ -5,6 +5,7 @@
 # %% ../nbs/20_synth_pairs.ipynb #36cbbc5b
 from __future__ import annotations
 import contextlib, inspect, math, numbers
+from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 from fastai.callback.core import Callback
 from fastai.learner import Metric
@@ -14,29 +15,52 @@ from .models import Encoder
 from .simclr import nt_xent
 from .moco import MoCo
 from .simsiam import SimSiam
-from .distributed import batch_moments, all_reduce_mean, rank_synced, unwrap
+from .distributed import batch_moments, all_reduce_mean, rank_synced, unwrap, is_main
 
 # %% auto #0
-__all__ = ['CRITERIA', 'NOISES', 'SYNTH_ARGS', 'SynthMoCo', 'SynthSimSiam', 'FeatureDecoder', 'recon_loss', 'resolve_n_dims',
-           'low_variance_dims', 'FeatureStats', 'gradcam_dim_importance', 'select_dims', 'perturb', 'frozen_bn_stats',
-           'SynthLoss', 'SynthPairs', 'add_synth_modules', 'synth_method', 'synth_overhead']
+__all__ = ['DECODER_FORMS', 'CRITERIA', 'NOISES', 'NOISE_REFS', 'SYNTH_ARGS', 'SynthMoCo', 'SynthSimSiam', 'UpResBlock',
+           'FeatureDecoder', 'recon_loss', 'resolve_n_dims', 'low_variance_dims', 'FeatureStats',
+           'gradcam_dim_importance', 'select_dims', 'noise_std', 'perturb', 'frozen_bn_stats', 'perceptual_loss',
+           'decoder_warmup', 'SynthLoss', 'SynthPairs', 'add_synth_modules', 'synth_method', 'save_decoder',
+           'load_decoder', 'fidelity_data', 'pair_fidelity', 'decoder_fidelity', 'evaluate_decoder', 'pair_sweep',
+           'plot_pair_sweep', 'pick_perturbation', 'synth_overhead']
 
 # %% ../nbs/20_synth_pairs.ipynb #4872eb3f
+DECODER_FORMS = ('upsample', 'resnet')
+
+class UpResBlock(nn.Module):
+    "A ResNet basic block run backwards: nearest x2, (3x3 conv, BN, ReLU, 3x3 conv, BN) + a 1x1-conv shortcut, ReLU."
+    def __init__(self, a: int, b: int):
+        super().__init__()
+        self.up = nn.Upsample(scale_factor=2)
+        self.body = nn.Sequential(nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True),
+                                  nn.Conv2d(b, b, 3, padding=1, bias=False), nn.BatchNorm2d(b))
+        self.skip = nn.Identity() if a == b else nn.Sequential(nn.Conv2d(a, b, 1, bias=False), nn.BatchNorm2d(b))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.up(x)
+        return F.relu(self.body(x) + self.skip(x))
+
+def _up_block(a: int, b: int, form: str) -> nn.Module:
+    if form == 'resnet': return UpResBlock(a, b)
+    return nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True))
+
 class FeatureDecoder(nn.Module):
-    "g: pooled feature h (B, `in_dim`) -> image (B, 3, `size`, `size`) in the normalised image space."
-    def __init__(self, in_dim: int, size: int = 64, width: int = 256, start: int = 4):
+    "g: pooled feature h (B, `in_dim`) -> image (B, 3, `size`, `size`) in the normalised image space; `form`: 'upsample' or 'resnet' blocks."
+    def __init__(self, in_dim: int, size: int = 64, width: int = 256, start: int = 4, form: str = 'upsample'):
         super().__init__()
         if size < start: raise ValueError(f"decoder size must be at least {start} px, got {size}")
         if width < 16: raise ValueError(f"decoder width must be at least 16 channels, got {width}")
-        self.in_dim, self.size, self.width, self.start = in_dim, size, width, start
+        if form not in DECODER_FORMS: raise ValueError(f"decoder form must be one of {DECODER_FORMS}, got {form!r}")
+        self.in_dim, self.size, self.width, self.start, self.form = in_dim, size, width, start, form
         n_up = math.ceil(math.log2(size / start))
         self.fc = nn.Linear(in_dim, width * start * start)
         chans = [max(width >> i, 16) for i in range(n_up + 1)]
         self.stem = nn.Sequential(nn.BatchNorm2d(width), nn.ReLU(inplace=True))
-        self.up = nn.Sequential(*[nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(a, b, 3, padding=1, bias=False),
-                                                nn.BatchNorm2d(b), nn.ReLU(inplace=True))
-                                  for a, b in zip(chans[:-1], chans[1:])])
+        self.up = nn.Sequential(*[_up_block(a, b, form) for a, b in zip(chans[:-1], chans[1:])])
         self.out = nn.Conv2d(chans[-1], 3, 3, padding=1)
+    def config(self) -> dict:
+        "The arguments that rebuild this decoder (`FeatureDecoder(**d.config())`)."
+        return dict(in_dim=self.in_dim, size=self.size, width=self.width, start=self.start, form=self.form)
     def forward(self, h: torch.Tensor, size: int | tuple[int, int] | None = None) -> torch.Tensor:
         x = self.stem(self.fc(h).view(len(h), self.width, self.start, self.start))
         x = self.out(self.up(x))
@@ -79,12 +103,14 @@ def low_variance_dims(h: torch.Tensor, n_dims: int | float) -> torch.LongTensor:
 
 # %% ../nbs/20_synth_pairs.ipynb #643ad55a
 class FeatureStats(nn.Module):
-    "Running (EMA) per-dimension mean and variance of `dim`-dimensional features, kept as buffers."
+    "Running (EMA) per-dimension mean and variance of `dim`-dimensional features, and of the Grad-CAM importance, kept as buffers."
     def __init__(self, dim: int):
         super().__init__()
         self.register_buffer('mean', torch.zeros(dim))
         self.register_buffer('var', torch.zeros(dim))
         self.register_buffer('n', torch.zeros((), dtype=torch.long))
+        self.register_buffer('imp', torch.zeros(dim))
+        self.register_buffer('n_imp', torch.zeros((), dtype=torch.long))  # 0: never updated (criterion 'variance')
     @torch.no_grad()
     def update(self, h: torch.Tensor, momentum: float = 0.9):
         "Mix the batch `h` (N, dim) into the estimate with weight 1 - `momentum` (weight 1 at the first update)."
@@ -94,6 +120,15 @@ class FeatureStats(nn.Module):
         self.mean.add_(a * d)
         self.var.copy_((1 - a) * (self.var + a * d * d) + a * bv)
         self.n.add_(1)
+    @torch.no_grad()
+    def update_importance(self, imp: torch.Tensor, momentum: float = 0.9):
+        "Mix a batch's Grad-CAM importance `imp` (dim,) into its EMA (taken as it is the first time)."
+        a = torch.where(self.n_imp == 0, 1.0, 1.0 - momentum)
+        self.imp.copy_((1 - a) * self.imp + a * imp.to(self.imp.dtype))
+        self.n_imp.add_(1)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for k in ('imp', 'n_imp'): state_dict.setdefault(prefix + k, getattr(self, k).clone())  # a checkpoint from before they existed still loads
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
     @property
     def std(self) -> torch.Tensor: return self.var.clamp_min(0).sqrt()
 
@@ -130,6 +165,13 @@ def select_dims(n_dims: int | float, criterion: str = 'variance', var: torch.Ten
 
 # %% ../nbs/20_synth_pairs.ipynb #09809a18
 NOISES = ('gaussian', 'shuffle')
+NOISE_REFS = ('dim', 'mean')
+
+def noise_std(var: torch.Tensor, ref: str = 'dim') -> torch.Tensor:
+    "The per-dimension noise unit for `perturb`: each dim's own std ('dim'), or the mean std over all dims for every dim ('mean')."
+    if ref not in NOISE_REFS: raise ValueError(f"noise_ref must be one of {NOISE_REFS}, got {ref!r}")
+    sd = var.float().clamp_min(0).sqrt()
+    return sd if ref == 'dim' else torch.full_like(sd, sd.mean().item())
 
 def _randn(shape, generator, device):
     dev = generator.device if generator is not None else device
@@ -174,7 +216,67 @@ def _eval_mode(module: nn.Module):
     try: yield module
     finally: module.train(was)
 
+# %% ../nbs/20_synth_pairs.ipynb #7aa3456e
+@contextlib.contextmanager
+def _params_frozen(module: nn.Module):
+    "Inside: no parameter of `module` requires a gradient (graphs built here do not reach its weights); restored after."
+    ps = [p for p in module.parameters() if p.requires_grad]
+    for p in ps: p.requires_grad_(False)
+    try: yield module
+    finally:
+        for p in ps: p.requires_grad_(True)
+
+def perceptual_loss(encoder: nn.Module, rec: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    "1 - cos(encoder(rec), h), the mean over the batch: the gradient reaches `rec` (the decoder), not the encoder's weights (eval mode)."
+    with _params_frozen(encoder), _eval_mode(encoder): z = encoder(rec)
+    return (1 - F.cosine_similarity(z.float(), h.detach().float(), dim=1)).mean()
+
+# %% ../nbs/20_synth_pairs.ipynb #84d26574
+def decoder_warmup(encoder: nn.Module, decoder: nn.Module, images: torch.Tensor, epochs: int, lr: float = 1e-3, bs: int = 64,
+                   perceptual: float = 0.0, flip: bool = True, seed: int = 0, precision: str = 'fp32') -> list[float]:
+    """Train `decoder` alone to invert the frozen `encoder`: the features of `images` ((N, 3, H, W) in [0, 1], or uint8, and of their
+    mirror images if `flip`) are computed once, then `epochs` epochs of Adam (`lr`) on MSE in the normalised space
+    (+ `perceptual` x `perceptual_loss`). The global random state is not used. Returns each epoch's mean loss."""
+    from fgssl_nb.data import normalize
+    if epochs < 1: raise ValueError(f"decoder_warmup needs epochs >= 1, got {epochs}")
+    dev = next(decoder.parameters()).device
+    amp = dict(device_type=dev.type, dtype=torch.bfloat16 if precision == 'bf16' else torch.float16, enabled=precision in ('bf16', 'fp16'))
+    xs = torch.cat([images, images.flip(-1)]) if flip else images
+    unit = 255. if xs.dtype == torch.uint8 else 1.
+    with torch.no_grad(), _eval_mode(encoder), torch.autocast(**amp):
+        hs = torch.cat([encoder(normalize(xs[i:i + 256].to(dev).float() / unit)).float() for i in range(0, len(xs), 256)])
+    opt = torch.optim.Adam(decoder.parameters(), lr=lr)
+    g, n, losses = torch.Generator().manual_seed(seed), len(xs), []
+    bs = min(bs, n)
+    was = decoder.training; decoder.train()
+    try:
+        for _ in range(epochs):
+            perm, tot = torch.randperm(n, generator=g), 0.
+            for j in range(0, n - bs + 1, bs):  # full batches only (BatchNorm)
+                idx = perm[j:j + bs]
+                x, h = normalize(xs[idx].to(dev).float() / unit), hs[idx.to(dev)]
+                with torch.autocast(**amp):
+                    rec = decoder(h, size=x.shape[-2:])
+                    loss = recon_loss(rec, x)
+                    if perceptual: loss = loss + perceptual * perceptual_loss(encoder, rec, h)
+                opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+                tot += loss.item()
+            losses.append(tot / (n // bs))
+    finally: decoder.train(was)
+    return losses
+
 # %% ../nbs/20_synth_pairs.ipynb #ab23b988
+def _pool_images(dl) -> torch.Tensor:
+    "Every image of loader `dl` once, in order, as uint8 (B, 3, H, W) on the CPU (a quarter of float32's memory); the random states are left as they were."
+    import random
+    py = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            dl = dl.new(shuffle=False, drop_last=False)
+            out = [((b[0] if isinstance(b, (tuple, list)) else b).as_subclass(torch.Tensor).float() * 255).round().to(torch.uint8).cpu() for b in dl]
+    finally: random.setstate(py)
+    return torch.cat(out)
+
 class SynthLoss(Metric):
     "Log column: the mean over the epoch's training batches of `SynthPairs`' unweighted loss `key` ('L_R' or 'L_Cp'); nan when not computed."
     def __init__(self, cb, key: str): self.cb, self.key = cb, key
@@ -193,7 +295,7 @@ class SynthPairs(Callback):
     def __init__(self, criterion: str = 'variance', alpha: float = 1.0, nu: float = 1.0, n_dims: int | float = 0.25,
                  noise: str = 'gaussian', noise_scale: float = 1.0, variance_source: str = 'ema', stats_momentum: float = 0.9,
                  rec_loss: str = 'mse', rec_to_encoder: bool = True, detach_decoder: bool = True, pair_temperature: float = 0.2,
-                 decoder_lr_mult: float = 10.0):
+                 decoder_lr_mult: float = 10.0, decoder_warmup: int = 0, perceptual: float = 0.0, warmup_lr: float = 1e-3, noise_ref: str = 'dim'):
         if criterion not in CRITERIA: raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
         if noise not in NOISES: raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
         if variance_source not in ('ema', 'batch'): raise ValueError(f"variance_source must be 'ema' or 'batch', got {variance_source!r}")
@@ -203,11 +305,16 @@ class SynthPairs(Callback):
         if pair_temperature <= 0: raise ValueError(f"pair_temperature must be > 0, got {pair_temperature}")
         if noise_scale < 0: raise ValueError(f"noise_scale must be >= 0, got {noise_scale}")
         if decoder_lr_mult <= 0: raise ValueError(f"decoder_lr_mult must be > 0, got {decoder_lr_mult}")
+        if decoder_warmup < 0 or int(decoder_warmup) != decoder_warmup: raise ValueError(f"decoder_warmup must be a whole number of epochs >= 0, got {decoder_warmup}")
+        if perceptual < 0: raise ValueError(f"perceptual must be >= 0, got {perceptual}")
+        if warmup_lr <= 0: raise ValueError(f"warmup_lr must be > 0, got {warmup_lr}")
+        if noise_ref not in NOISE_REFS: raise ValueError(f"noise_ref must be one of {NOISE_REFS}, got {noise_ref!r}")
         n_dims = _check_n_dims(n_dims)
         self.criterion, self.alpha, self.nu, self.n_dims, self.noise, self.noise_scale = criterion, alpha, nu, n_dims, noise, noise_scale
         self.variance_source, self.stats_momentum, self.rec_loss = variance_source, stats_momentum, rec_loss
         self.rec_to_encoder, self.detach_decoder, self.pair_temperature = rec_to_encoder, detach_decoder, pair_temperature
-        self.decoder_lr_mult = decoder_lr_mult
+        self.decoder_lr_mult, self.decoder_warmup, self.perceptual, self.warmup_lr = decoder_lr_mult, int(decoder_warmup), perceptual, warmup_lr
+        self.warmed, self.warmup_losses, self.noise_ref = False, None, noise_ref
         self.feat, self.capture, self.hook, self.sums = None, False, None, {}
         self.last_dims = self.last_importance = None  # of the last training batch (for plots and tests)
 
@@ -220,7 +327,21 @@ class SynthPairs(Callback):
         if self.hook is not None: self.hook.remove()
         self.hook = m.encoder.register_forward_hook(self._grab)
         if not any(getattr(x, 'cb', None) is self for x in self.learn.metrics):
-            self.learn.metrics = list(self.learn.metrics) + [SynthLoss(self, 'L_R'), SynthLoss(self, 'L_Cp')]
+            self.learn.metrics = list(self.learn.metrics) + [SynthLoss(self, 'L_R'), SynthLoss(self, 'L_Cp')] + ([SynthLoss(self, 'L_P')] if self.perceptual else [])
+        run = getattr(self.learn, 'run_state', None)
+        if self.decoder_warmup and not self.warmed and getattr(run, 'resume_epoch', 0) == 0: self.warm_up(m)
+
+    def warm_up(self, m: nn.Module):
+        "`decoder_warmup` epochs of `decoder_warmup` on the pretext images (once per run; a resumed run has done it)."
+        import time
+        t0, imgs = time.perf_counter(), _pool_images(self.dls.train)
+        prec = getattr(getattr(self.learn, 'run_state', None), 'precision', 'fp32')
+        self.warmup_losses = decoder_warmup(m.encoder, m.decoder, imgs, self.decoder_warmup, lr=self.warmup_lr,
+                                            perceptual=self.perceptual, precision=prec)
+        # several processes: DDP (DistributedTrainer, order 11, after this callback's order 9) copies rank 0's decoder to all
+        self.warmed = True
+        if is_main(): print(f"decoder warm-up: {self.decoder_warmup} epochs on cached features of {len(imgs)} images (and their mirror "
+                            f"images), loss {self.warmup_losses[0]:.3f} -> {self.warmup_losses[-1]:.3f}, {time.perf_counter() - t0:.0f} s")
     def after_fit(self):
         if self.hook is not None: self.hook.remove(); self.hook = None
         self.feat = None
@@ -241,7 +362,9 @@ class SynthPairs(Callback):
     def select(self, h: torch.Tensor, var: torch.Tensor) -> torch.LongTensor:
         "The dimensions to perturb for this batch (`h` with its graph, for Grad-CAM)."
         imp = gradcam_dim_importance(h, self.learn.loss_grad) if self.criterion != 'variance' else None
-        if imp is not None: imp = all_reduce_mean(imp)  # several processes: one choice of dims for all
+        if imp is not None:
+            imp = all_reduce_mean(imp)  # several processes: one choice of dims for all
+            unwrap(self.learn.model).feat_stats.update_importance(imp, self.stats_momentum)  # kept for `evaluate_decoder`
         self.last_importance = imp
         self.last_dims = select_dims(self.n_dims, self.criterion, var=var, importance=imp)
         return self.last_dims
@@ -259,11 +382,15 @@ class SynthPairs(Callback):
         l_r = recon_loss(rec, x, self.rec_loss)
         self._add('L_R', l_r)
         extra = self.alpha * l_r
+        if self.perceptual:  # the decoder learns to draw what the (current) encoder reads; the encoder's weights get nothing
+            l_p = perceptual_loss(m.encoder, rec, h1)
+            self._add('L_P', l_p)
+            extra = extra + self.alpha * self.perceptual * l_p
         if self.nu:
             var = m.feat_stats.var if self.variance_source == 'ema' else batch_moments(h)[1]
             dims = self.select(h, var)
             src = h1.detach() if self.detach_decoder else h1
-            ht = perturb(src, dims, self.noise, self.noise_scale, std=var.clamp_min(0).sqrt())
+            ht = perturb(src, dims, self.noise, self.noise_scale, std=noise_std(var, self.noise_ref))
             pair = torch.cat([src, ht])
             if self.detach_decoder:  # eval mode: running statistics, g is a per-sample function
                 with torch.no_grad(), _eval_mode(m.decoder): xp = m.decoder(pair, size=x.shape[-2:])
@@ -284,10 +411,10 @@ def _dls_size(dls) -> int | None:
         return int(x.shape[-1])
     except Exception: return None
 
-def add_synth_modules(model: nn.Module, num_features: int, size: int, width: int = 256) -> nn.Module:
-    "Give `model` a `decoder` (`FeatureDecoder`, initialised from a fork of the random state) and `feat_stats` (`FeatureStats`)."
+def add_synth_modules(model: nn.Module, num_features: int, size: int, width: int = 256, form: str = 'upsample') -> nn.Module:
+    "Give `model` a `decoder` (`FeatureDecoder` of `form`, initialised from a fork of the random state) and `feat_stats` (`FeatureStats`)."
     with torch.random.fork_rng(devices=[]):  # parameters are made on the CPU: the global CPU stream is left as it was
-        model.decoder = FeatureDecoder(num_features, size, width)
+        model.decoder = FeatureDecoder(num_features, size, width, form=form)
     model.feat_stats = rank_synced(FeatureStats(num_features), 'mean', 'var', 'n')  # kept identical by `batch_moments`
     return model
 
@@ -296,17 +423,22 @@ SYNTH_ARGS = tuple(inspect.signature(SynthPairs.__init__).parameters)[1:]
 def synth_method(base: type, name: str | None = None) -> type:
     "A method class: registered SSL method `base` + `SynthPairs`, named `name` (default 'synth-<base.name>')."
     class Synth(base):
-        model_args = tuple(base.model_args) + ('decoder_width', 'decoder_size')
+        model_args = tuple(base.model_args) + ('decoder_width', 'decoder_size', 'decoder_form')
         wrapper_args = tuple(base.wrapper_args) + SYNTH_ARGS  # options of the SynthPairs callback
         multicrop = False  # the decoder and the pair loss read the global views' features only
         def __init__(self, pipelines, **kwargs):
             super().__init__(pipelines, **{k: v for k, v in kwargs.items() if k not in SYNTH_ARGS})
             self.pairs_cb = SynthPairs(**{k: v for k, v in kwargs.items() if k in SYNTH_ARGS})
         @classmethod
-        def make_model(cls, encoder: Encoder, dls=None, decoder_width: int = 256, decoder_size: int | None = None, **kwargs):
+        def make_model(cls, encoder: Encoder, dls=None, decoder_width: int = 256, decoder_size: int | None = None,
+                       decoder_form: str = 'upsample', **kwargs):
             m = super().make_model(encoder, dls, **kwargs)
-            return add_synth_modules(m, encoder.num_features, decoder_size or _dls_size(dls) or 64, decoder_width)
+            return add_synth_modules(m, encoder.num_features, decoder_size or _dls_size(dls) or 64, decoder_width, decoder_form)
         def extra_callbacks(self) -> list: return [*super().extra_callbacks(), self.pairs_cb]
+        def export_files(self, run_dir):
+            "Besides encoder.pth: decoder.pth (the decoder, the feature statistics and the pair settings; see `load_decoder`)."
+            super().export_files(run_dir)
+            save_decoder(self.learn.model, Path(run_dir) / 'decoder.pth', self.pairs_cb)
     Synth.name = name or f'synth-{base.name}'
     Synth.__name__ = Synth.__qualname__ = f'Synth{base.__name__}'
     Synth.__doc__ = f"{base.__name__} + synthesized pairs: L = L_C + alpha L_R + nu L_Cp (see `SynthPairs`)."
@@ -314,6 +446,34 @@ def synth_method(base: type, name: str | None = None) -> type:
 
 SynthMoCo = register_method(synth_method(MoCo))
 SynthSimSiam = register_method(synth_method(SimSiam))
+
+# %% ../nbs/20_synth_pairs.ipynb #90f718ad
+def save_decoder(model: nn.Module, path, cb: SynthPairs | None = None, hint: str = '', **meta):
+    "Write `model`'s decoder, feature statistics, encoder identity and `cb`'s pair settings to `path` (`load_decoder` reads it)."
+    from fgssl_nb.runs import atomic_save
+    m = unwrap(model)
+    pairs = {k: getattr(cb, k) for k in ('criterion', 'n_dims', 'noise', 'noise_scale', 'noise_ref')} if cb is not None else {}
+    atomic_save(dict(config=m.decoder.config(), state_dict=m.decoder.state_dict(), feat_stats=m.feat_stats.state_dict(),
+                     encoder_arch=getattr(m.encoder, 'arch', 'custom'), num_features=m.decoder.in_dim, pairs=pairs, meta=meta),
+                Path(path), hint=hint or "run again with --resume to write it")
+
+def load_decoder(path, encoder: nn.Module | None = None) -> tuple[FeatureDecoder, dict]:
+    """The `FeatureDecoder` saved in `path` (eval mode, CPU) and its record (`feat_stats`: a `FeatureStats`, `pairs`, ...);
+    with `encoder`: a one-line ValueError unless the decoder was trained on that architecture's features."""
+    f = Path(path)
+    if not f.exists(): raise FileNotFoundError(f"{f} does not exist: no decoder here (a synth-* run writes decoder.pth when it finishes)")
+    try: ck = torch.load(f, map_location='cpu', weights_only=False)
+    except Exception as e: raise ValueError(f"{f}: unreadable decoder file ({type(e).__name__}: {e})") from e
+    if not isinstance(ck, dict) or not {'config', 'state_dict', 'feat_stats'} <= set(ck):
+        raise ValueError(f"{f} is not a decoder file written by fgssl_nb (no config/state_dict/feat_stats)")
+    if encoder is not None:
+        arch, d = getattr(encoder, 'arch', 'custom'), getattr(encoder, 'num_features', None)
+        if (arch, d) != (ck['encoder_arch'], ck['num_features']):
+            raise ValueError(f"{f} decodes {ck['num_features']}-d features of {ck['encoder_arch']}, but the encoder is {arch} "
+                             f"({d}-d): evaluate the decoder with the encoder of its own run")
+    dec = FeatureDecoder(**ck['config']); dec.load_state_dict(ck['state_dict'])
+    st = FeatureStats(ck['num_features']); st.load_state_dict(ck['feat_stats'])
+    return dec.eval(), dict(ck, feat_stats=st)
 
 # %% ../nbs/20_synth_pairs.ipynb #a742dd56
 def _n_batches(learn, n: int):
@@ -325,6 +485,160 @@ def _n_batches(learn, n: int):
             if self.training and self.iter + 1 >= n: raise CancelFitException
     with learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=[Stop()])
     return learn
+
+# %% ../nbs/20_synth_pairs.ipynb #3203bdba
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    "PSNR (dB) of each image of `a` against `b`, both (B, 3, H, W) in [0, 1]."
+    return 10 * torch.log10(1 / ((a.float() - b.float()) ** 2).flatten(1).mean(1).clamp_min(1e-10))
+
+def _rms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    "Root-mean-square pixel distance of each image of `a` from `b`."
+    return ((a.float() - b.float()) ** 2).flatten(1).mean(1).sqrt()
+
+@torch.no_grad()
+def fidelity_data(encoder: nn.Module, ds, size: int = 64, bs: int = 64, num_workers: int | None = None) -> dict:
+    """What every fidelity measurement of `encoder` on `ds` shares, computed once: the features and labels of the training
+    images, their mean image, and the test images (uint8, CPU), their features and labels."""
+    from fgssl_nb.data import labeled_dls, normalize
+    from fgssl_nb.evaluate import eval_dl, _device_of
+    dls = labeled_dls(ds, size=size, bs=bs, num_workers=num_workers, device=_device_of(encoder))
+    out, tot = {}, 0.
+    with _eval_mode(encoder):
+        for split in ('train', 'valid'):
+            fs, ys, xs = [], [], []
+            for x, y in eval_dl(dls, split):
+                x = x.as_subclass(torch.Tensor).float()
+                fs.append(encoder(normalize(x)).float().cpu()); ys.append(y.as_subclass(torch.Tensor).cpu())
+                if split == 'train': tot = tot + x.sum(0).cpu()
+                else: xs.append((x * 255).round().to(torch.uint8).cpu())
+            out[split] = (torch.cat(fs), torch.cat(ys))
+    return dict(train_f=out['train'][0], train_y=out['train'][1], mean_img=(tot / len(out['train'][0])).clamp(0, 1),
+                test_x=torch.cat(xs), test_f=out['valid'][0], test_y=out['valid'][1], n_classes=len(ds.classes))
+
+@torch.no_grad()
+def pair_fidelity(encoder: nn.Module, decoder: FeatureDecoder, data: dict, dims: torch.Tensor, noise: str = 'gaussian',
+                  noise_scale: float = 1.0, std: torch.Tensor | None = None, seed: int = 0, k: int = 20, bs: int = 64,
+                  n_show: int = 8) -> tuple[dict, dict]:
+    "The decoder metrics (see above) for perturbing `dims` of the test features in `data` (`fidelity_data`), and `n_show` examples, one per class."
+    from fgssl_nb.data import normalize, denormalize
+    from fgssl_nb.evaluate import knn_top1, _device_of
+    dev = _device_of(encoder)
+    decoder = decoder.to(dev)
+    h_all, y = data['test_f'], data['test_y']
+    std = h_all.std(0, unbiased=False) if std is None else std.float().cpu()
+    ht_all = perturb(h_all, dims.cpu(), noise, noise_scale, std=std, generator=torch.Generator().manual_seed(seed))
+    f_g, f_gt, psnr, psnr_m, d_pair, gs = [], [], [], [], [], []
+    with _eval_mode(encoder), _eval_mode(decoder):
+        for i in range(0, len(h_all), bs):
+            x = data['test_x'][i:i + bs].to(dev).float() / 255
+            g = denormalize(decoder(h_all[i:i + bs].to(dev), size=x.shape[-2:]).float()).clamp(0, 1)
+            gt = denormalize(decoder(ht_all[i:i + bs].to(dev), size=x.shape[-2:]).float()).clamp(0, 1)
+            f_g.append(encoder(normalize(g)).float().cpu()); f_gt.append(encoder(normalize(gt)).float().cpu())
+            psnr.append(_psnr(g, x).cpu()); psnr_m.append(_psnr(data['mean_img'].to(dev).expand_as(x), x).cpu())
+            d_pair.append(_rms(g, gt).cpu()); gs.append((g * 255).round().to(torch.uint8).cpu())
+    gs = torch.cat(gs).float() / 255
+    if len(gs) < 2: raise ValueError("decoder fidelity needs at least 2 test images")
+    perm = torch.randperm(len(gs), generator=torch.Generator().manual_seed(seed))
+    d_other = _rms(gs[perm], gs[perm.roll(1)])  # each decoded image against another one, in a random pairing
+    top = lambda f: knn_top1(data['train_f'], data['train_y'], f, y, k=k)
+    m = dict(decoder_knn_top1=top(torch.cat(f_g)), decoder_knn_top1_perturbed=top(torch.cat(f_gt)),
+             decoder_knn_top1_input=top(h_all), decoder_pair_change=(torch.cat(d_pair).mean() / d_other.mean().clamp_min(1e-12)).item(),
+             decoder_psnr=torch.cat(psnr).mean().item(), decoder_psnr_mean_image=torch.cat(psnr_m).mean().item(),
+             decoder_chance=1 / data['n_classes'], decoder_n_dims=len(dims), decoder_noise_scale=float(noise_scale))
+    first = {}
+    for j, c in enumerate(y.tolist()):
+        if c not in first and len(first) < n_show: first[c] = j
+    cls = sorted(first); idx = [first[c] for c in cls]
+    gt_show = denormalize(decoder(ht_all[idx].to(dev), size=data['test_x'].shape[-2:]).float()).clamp(0, 1).cpu() if idx else None
+    return m, dict(x=data['test_x'][idx].float() / 255, g=gs[idx], gt=gt_show, labels=cls)
+
+def decoder_fidelity(encoder: nn.Module, decoder: FeatureDecoder, ds, size: int = 64, bs: int = 64, criterion: str = 'variance',
+                     n_dims: int | float = 0.25, noise: str = 'gaussian', noise_scale: float = 1.0, var: torch.Tensor | None = None,
+                     importance: torch.Tensor | None = None, seed: int = 0, k: int = 20, num_workers: int | None = None,
+                     n_show: int = 8, noise_ref: str = 'dim') -> tuple[dict, dict]:
+    """How much of each test image of `ds` the decoded g(h) and g(h~) keep (see above): the metrics, and `n_show` examples
+    (one per class: `x`, `g`, `gt` in [0, 1]) for `pair_grid`. `var`/`importance`: the run's statistics for selecting the
+    dims and scaling the noise (default `var`: the variance of the training features)."""
+    data = fidelity_data(encoder, ds, size, bs, num_workers)
+    if var is None: var = data['train_f'].var(0, unbiased=False)
+    dims = select_dims(n_dims, criterion, var=var, importance=importance)
+    return pair_fidelity(encoder, decoder, data, dims, noise, noise_scale, noise_std(var, noise_ref), seed, k, bs, n_show)
+
+# %% ../nbs/20_synth_pairs.ipynb #4c8baa9d
+def evaluate_decoder(run_dir, encoder: nn.Module, ds, size: int = 64, bs: int = 64, out=None, seed: int = 0,
+                     num_workers: int | None = None) -> dict:
+    """`decoder_fidelity` of the run in `run_dir` (its `decoder.pth`, with the run's criterion, `n_dims`, noise and
+    statistics) for `encoder` on `ds`; saves the input / g(h) / g(h~) figure as `decoder_pairs.png` in `out` (default: `run_dir`)."""
+    import matplotlib.pyplot as plt
+    from fgssl_nb.interpret import pair_grid
+    run_dir = Path(run_dir)
+    f = run_dir / 'decoder.pth'
+    if not f.exists():
+        raise FileNotFoundError(f"{f} does not exist: --protocols decoder evaluates the decoder of a synth-* run "
+                                "(synth-moco, synth-simsiam), written when its training finishes")
+    dec, rec = load_decoder(f, encoder)
+    st, pairs = rec['feat_stats'], dict(rec['pairs'])
+    crit = pairs.get('criterion', 'variance')
+    imp = st.imp if int(st.n_imp) > 0 else None
+    if crit != 'variance' and imp is None:
+        raise ValueError(f"{f}: the run used criterion {crit!r} but recorded no Grad-CAM importance (written before fgssl_nb kept it)")
+    m, ex = decoder_fidelity(encoder, dec, ds, size=size, bs=bs, criterion=crit, n_dims=pairs.get('n_dims', 0.25),
+                             noise=pairs.get('noise', 'gaussian'), noise_scale=pairs.get('noise_scale', 1.0),
+                             var=st.var if int(st.n) > 0 else None, importance=imp, seed=seed, num_workers=num_workers,
+                             noise_ref=pairs.get('noise_ref', 'dim'))
+    names = [str(ds.classes[c]).split('.')[-1].replace('_', ' ')[:14] for c in ex['labels']]
+    fig = pair_grid([ex['x'], ex['g'], ex['gt']], titles=['input', 'g(h)', 'g(h~)'], col_titles=names, normalized=False)
+    fig.suptitle(f"decoded k-NN top-1 {100 * m['decoder_knn_top1']:.1f}% (input {100 * m['decoder_knn_top1_input']:.1f}%, "
+                 f"chance {100 * m['decoder_chance']:.1f}%), pair change {m['decoder_pair_change']:.2f}", fontsize=9, y=1.02)
+    out = Path(out or run_dir); out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / 'decoder_pairs.png', dpi=72, bbox_inches='tight'); plt.close(fig)
+    return dict(m, decoder_criterion=crit)
+
+# %% ../nbs/20_synth_pairs.ipynb #34907871
+def pair_sweep(encoder: nn.Module, decoder: FeatureDecoder, ds, size: int = 64, scales=(0.5, 1.0, 2.0, 4.0),
+               n_dims=(0.1, 0.25, 0.5), criteria=('variance',), var: torch.Tensor | None = None,
+               importance: torch.Tensor | None = None, noise: str = 'gaussian', seed: int = 0, bs: int = 64,
+               num_workers: int | None = None, data: dict | None = None, noise_refs=('dim',)):
+    "A DataFrame of `pair_fidelity` metrics, one row per (criterion, noise_ref, n_dims, noise scale); features extracted once (or `data`, from `fidelity_data`)."
+    import pandas as pd
+    data = data or fidelity_data(encoder, ds, size, bs, num_workers)
+    if var is None: var = data['train_f'].var(0, unbiased=False)
+    rows = []
+    for c in criteria:
+        for ref in noise_refs:
+            for nd in n_dims:
+                dims = select_dims(nd, c, var=var, importance=importance)
+                for s in scales:
+                    m, _ = pair_fidelity(encoder, decoder, data, dims, noise, s, noise_std(var, ref), seed, bs=bs, n_show=0)
+                    rows.append(dict(criterion=c, noise_ref=ref, n_dims=nd, noise_scale=s, **m))
+    return pd.DataFrame(rows)
+
+def plot_pair_sweep(df, ax=None, title: str | None = None):
+    "`decoder_knn_top1_perturbed` against `decoder_pair_change`, a line per (criterion, n_dims) through the noise scales."
+    import matplotlib.pyplot as plt
+    if ax is None: _, ax = plt.subplots(figsize=(5, 3.6))
+    keys = [k for k in ('criterion', 'noise_ref', 'n_dims') if k in df]
+    for key, g in df.groupby(keys, sort=False):
+        g = g.sort_values('noise_scale')
+        ax.plot(g.decoder_pair_change, 100 * g.decoder_knn_top1_perturbed, 'o-', label=', '.join(f"{k}={v:g}" if isinstance(v, float) else str(v) for k, v in zip(keys, key)))
+        for r in g.itertuples(): ax.annotate(f"{r.noise_scale:g}", (r.decoder_pair_change, 100 * r.decoder_knn_top1_perturbed), fontsize=7, xytext=(3, 3), textcoords='offset points')
+    ax.axhline(100 * df.decoder_knn_top1.iloc[0], color='k', ls='--', lw=1, label='g(h), unperturbed')
+    ax.axhline(100 * df.decoder_chance.iloc[0], color='grey', ls=':', lw=1, label='chance')
+    ax.set_xlabel('pair change (0: none, 1: another image)'); ax.set_ylabel('k-NN top-1 of g(h~), %')
+    if title: ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    return ax
+
+# %% ../nbs/20_synth_pairs.ipynb #9510008d
+def pick_perturbation(sweep, keep: float = 0.9) -> dict:
+    """The row of `sweep` (`pair_sweep`, one data set or several: a setting must qualify on each) with the largest pair change
+    whose `decoder_knn_top1_perturbed` keeps at least `keep` x `decoder_knn_top1` (the class survives the perturbation)."""
+    keys = [k for k in ('criterion', 'noise_ref', 'n_dims', 'noise_scale') if k in sweep]
+    ok = sweep.assign(ok=sweep.decoder_knn_top1_perturbed >= keep * sweep.decoder_knn_top1)
+    g = ok.groupby(keys, sort=False).agg(ok=('ok', 'all'), change=('decoder_pair_change', 'min')).reset_index()
+    g = g[g.ok]
+    if g.empty: raise ValueError(f"no setting of the sweep keeps {keep:.0%} of the unperturbed k-NN top-1")
+    return {k: (v.item() if hasattr(v, 'item') else v) for k, v in g.sort_values('change', ascending=False).iloc[0][keys].items()}
 
 # %% ../nbs/20_synth_pairs.ipynb #36b5e443
 def _made_dls(n: int, size: int, bs: int, device=None, seed: int = 0):
@@ -344,7 +658,7 @@ def synth_overhead(method: str = 'moco', size: int = 64, bs: int = 64, steps: in
     from fgssl_nb.bench import timed_fit
     from fgssl_nb.learner import ssl_learner
     dls = _made_dls(bs * (steps + skip), size, bs, device)
-    base_kw = {k: v for k, v in kwargs.items() if k not in SYNTH_ARGS and k not in ('decoder_width', 'decoder_size')}
+    base_kw = {k: v for k, v in kwargs.items() if k not in SYNTH_ARGS and k not in ('decoder_width', 'decoder_size', 'decoder_form')}
     out = dict(method=method, size=size, bs=bs)
     for key, m, kw in (('base', method, base_kw), ('synth', f'synth-{method}', kwargs)):
         learn = ssl_learner(dls, m, arch=arch, size=size, precision=precision, **kw)
