@@ -134,8 +134,12 @@ def run_grid(grid: str | list[dict], data='default', seeds=(0,), out='runs/compa
     if init_distributed() > 1 and not is_main(): sys.stdout = open(os.devnull, 'w')  # one console: rank 0's
     if isinstance(grid, str) and grid not in GRIDS: raise ValueError(f"unknown grid {grid!r}; choose from {', '.join(GRIDS)}")
     entries = GRIDS[grid] if isinstance(grid, str) else grid
-    if only: entries = [e for e in entries if {e['name'], slug(e['name']), resolve_entry(e, pretrained)['name'],
-                                                slug(resolve_entry(e, pretrained)['name'])} & set(only)]
+    if only:  # an entry answers to its name and its folder name, before and after `resolve_entry`
+        keys = lambda e: {e['name'], slug(e['name']), resolve_entry(e, pretrained)['name'], slug(resolve_entry(e, pretrained)['name'])}
+        unknown = [o for o in only if not any(o in keys(e) for e in entries)]
+        if unknown: raise ValueError(f"--only {', '.join(map(repr, unknown))} matches no entry of this grid; its entries: "
+                                     + ', '.join(repr(resolve_entry(e, pretrained)['name']) for e in entries))
+        entries = [e for e in entries if keys(e) & set(only)]
     entries = [resolve_entry(e, pretrained) for e in entries]
     for e in entries:  # a typo in a method name stops the grid before anything is computed
         if e.get('method'): get_method(e['method'])

@@ -58,3 +58,15 @@ def test_bad_data_stop_the_grid_before_the_first_entry(birds, tmp_path):
     df = run_grid([dict(name='random init', encoder='random')], d, seeds=(0,), out=tmp_path / 'o', size=32, skip_bad=True)
     assert len(df) == 1 and (tmp_path / 'o' / 'random_init' / 'seed0' / 'skipped.txt').exists()
     assert json.loads((tmp_path / 'o' / 'random_init' / 'seed0' / 'metrics.json').read_text())['skipped_images'] == 1
+
+
+def test_only_with_no_match_lists_the_entries(tmp_path):
+    "`--only synth-moco` (the entry is 'synth-moco (variance)') is an error naming the real entries, before anything runs."
+    import pytest
+    from fgssl_nb.compare import run_grid
+    with pytest.raises(ValueError, match=r"--only 'synth-moco' matches no entry of this grid; its entries: 'random init', 'moco', 'synth-moco \(variance\)'"):
+        run_grid('system2', only=['synth-moco'], out=tmp_path / 'g')
+    assert not (tmp_path / 'g').exists()
+    r = subprocess.run([str(BIN / 'fgssl_compare'), '--grid', 'system2', '--only', 'synth-moco', 'moco', '--out', str(tmp_path / 'g')],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and "'synth-moco (gradcam)'" in r.stderr
