@@ -289,7 +289,7 @@ def evaluate_run(run_dir=None, data=None, protocols=('linear', 'knn', 'retrieval
     if frozen: _merge_json(out / 'metrics.json', dict(m, **desc, **data_info, data=str(data), size=size))  # saved before the slower protocols
     if le: m.update(_label_efficiency(feats, out, desc['method']))
     if 'finetune' in protos: m.update({k: float(v) for k, v in evaluate_encoder(enc, ds, size=size, bs=bs, protocols=('finetune',), num_workers=workers).items()})
-    if 'head' in protos:  # SPEC's SRGAN downstream: frozen generator (or discriminator) + conv/fc head with dropout
+    if 'head' in protos:  # the SRGAN downstream of arXiv 2107.13973: frozen generator (or discriminator) + conv/fc head with dropout
         if getattr(enc, 'arch', None) not in ('srgan_g', 'srgan_d'): raise ValueError(f"--protocols head is the SRGAN classifier; this encoder is {enc.arch}")
         from fgssl_nb.srgan import srgan_head_eval
         m['head_top1'] = srgan_head_eval(enc, ds, size=size, seed=seed, num_workers=workers)['head_top1']

@@ -343,7 +343,7 @@ def srgan_head_eval(encoder: nn.Module, ds: FGDataset | DataLoaders, size: int =
                     dropout: float = 0.5, seed: int | None = 0, lr: float = 1e-4, wd: float = 5e-4,
                     num_workers: int | None = None, device=None, cbs: list | None = None, verbose: bool = False,
                     return_learner: bool = False) -> dict | tuple[dict, Learner]:
-    "SPEC's SRGAN downstream: frozen `encoder` (srgan_g or srgan_d) + new head, Adam `lr`, L2 `wd`, on the train split; `head_top1` on the test split."
+    "The SRGAN downstream of arXiv 2107.13973: frozen `encoder` (srgan_g or srgan_d) + new head, Adam `lr`, L2 `wd`, on the train split; `head_top1` on the test split."
     from fgssl_nb.evaluate import Normalized
     arch = getattr(encoder, 'arch', None)
     if arch not in ('srgan_g', 'srgan_d'):

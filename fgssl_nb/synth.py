@@ -251,7 +251,7 @@ def decoder_warmup(encoder: nn.Module, decoder: nn.Module, images: torch.Tensor,
     was = decoder.training; decoder.train()
     try:
         for _ in range(epochs):
-            perm, tot = torch.randperm(n, generator=g), 0.
+            perm, tot = torch.randperm(n, generator=g), torch.zeros((), device=dev)
             for j in range(0, n - bs + 1, bs):  # full batches only (BatchNorm)
                 idx = perm[j:j + bs]
                 x, h = normalize(xs[idx].to(dev).float() / unit), hs[idx.to(dev)]
@@ -260,8 +260,8 @@ def decoder_warmup(encoder: nn.Module, decoder: nn.Module, images: torch.Tensor,
                     loss = recon_loss(rec, x)
                     if perceptual: loss = loss + perceptual * perceptual_loss(encoder, rec, h)
                 opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-                tot += loss.item()
-            losses.append(tot / (n // bs))
+                tot += loss.detach().float()  # no device sync per step
+            losses.append(tot.item() / (n // bs))
     finally: decoder.train(was)
     return losses
 
