@@ -13,7 +13,7 @@ from fastcore.script import call_parse, Param, store_true
 # %% auto #0
 __all__ = ['STEP_PARTS', 'view_methods', 'model_throughput', 'loader_throughput', 'bench_loader', 'format_rows', 'timed_fit',
            'plain_fp32_throughput', 'bench_methods', 'fgssl_bench', 'step_parts', 'bare_parts', 'bench_parts',
-           'bench_eval', 'bench_fp32', 'bench_decoder']
+           'bench_eval', 'bench_fp32', 'bench_decoder', 'bench_crop']
 
 # %% ../nbs/90_bench.ipynb #b09c470f
 def view_methods() -> list[str]:
@@ -200,7 +200,7 @@ def bench_methods(methods=None, data='default', size: int = 64, bs: int = 64,
     return rows
 
 @call_parse
-def fgssl_bench(what: Param("what to measure: 'loader' (ssl_dls vs ResNet-18 training images/s), 'methods' (SSL training images/s), 'parts' (ms per step part), 'eval' (evaluation vs one forward pass), 'fp32' (levers on the fp32 step) or 'decoder' (system 2's decoder warm-up and perceptual term)", str, nargs='?', opt=False) = 'loader',
+def fgssl_bench(what: Param("what to measure: 'loader' (ssl_dls vs ResNet-18 training images/s), 'methods' (SSL training images/s), 'parts' (ms per step part), 'eval' (evaluation vs one forward pass), 'fp32' (levers on the fp32 step), 'decoder' (system 2's decoder warm-up and perceptual term) or 'crop' (--crop_from: decoding and training cost of crops from a larger source)", str, nargs='?', opt=False) = 'loader',
                 arch: Param("eval: encoder architecture", str) = 'resnet18',
                 pretrained: Param("eval: ImageNet weights (offline: efficientnet_lite0)", store_true) = False,
                 data: Param("data folder, or 'default' for the built-in toy birds", str) = 'default',
@@ -214,7 +214,7 @@ def fgssl_bench(what: Param("what to measure: 'loader' (ssl_dls vs ResNet-18 tra
     "Print throughput benchmarks of this machine."
     import torch
     from fgssl_nb.precision import cpu_has_bf16
-    if what not in ('loader', 'methods', 'parts', 'eval', 'fp32', 'decoder'): raise SystemExit(f"fgssl_bench: unknown benchmark {what!r}; available: loader, methods, parts, eval, fp32, decoder")
+    if what not in ('loader', 'methods', 'parts', 'eval', 'fp32', 'decoder', 'crop'): raise SystemExit(f"fgssl_bench: unknown benchmark {what!r}; available: loader, methods, parts, eval, fp32, decoder, crop")
     if batches < 1 or rounds < 1: raise SystemExit(f"fgssl_bench: --batches and --rounds must be at least 1, got {batches} and {rounds}")
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"bf16 CPU: {cpu_has_bf16()}, CUDA: {torch.cuda.is_available()}")
@@ -230,6 +230,10 @@ def fgssl_bench(what: Param("what to measure: 'loader' (ssl_dls vs ResNet-18 tra
         rows = bench_decoder(data, arch, pretrained, sizes[0], bs)  # e.g. --arch efficientnet_lite0 --pretrained --sizes 96
         print(format_rows(rows))
         print("warm-up epoch: seconds over the pretext pool and its mirror images (features cached); joint step: images/s, ratio = MoCo v2 / synth-moco time per image")
+    elif what == 'crop':
+        rows = bench_crop(data, 'moco', arch, pretrained, sizes[0], bs, n_batches=batches, rounds=rounds, workers=workers)  # e.g. --arch efficientnet_lite0 --pretrained --sizes 96
+        print(format_rows(rows))
+        print("MoCo v2; decode_s: a first pass over the pool (decoding into the cache); train: steady images/s; ratio = train / crop_from 1")
     elif what == 'fp32':
         rows = bench_fp32(data, sizes[0], n_batches=batches, rounds=rounds)
         print(format_rows(rows))
@@ -416,3 +420,25 @@ def bench_decoder(data='default', arch: str = 'efficientnet_lite0', pretrained: 
                          moco_img_s=round(r['base'], 1), synth_img_s=round(r['synth'], 1), ratio=round(r['ratio'], 2)))
     keys = list(dict.fromkeys(k for r in rows for k in r))
     return [{k: r.get(k, '-') for k in keys} for r in rows]  # one set of columns for `format_rows`
+
+# %% ../nbs/90_bench.ipynb #a9b048c8
+def bench_crop(data='default', method: str = 'moco', arch: str = 'resnet18', pretrained: bool = False, size: int = 64,
+               bs: int = 64, crop_froms=(1.0, 1.25, 1.5), n_batches: int = 8, rounds: int = 2, workers: int | None = None) -> list[dict]:
+    "Per `crop_from`: seconds of a first pass over the pretext pool (decoding), cache MB, and steady training images/s of `method`."
+    from fgssl_nb.data import read_dataset, ssl_dls
+    from fgssl_nb.learner import ssl_learner
+    from fgssl_nb.cli import source_size
+    ds = read_dataset(data)
+    rows, learners = [], {}
+    for cf in crop_froms:
+        src = source_size(size, cf)
+        dls = ssl_dls(ds, size=size, bs=bs, valid_pct=0.0, num_workers=workers, source=src)
+        t0 = time.perf_counter()
+        for _ in dls.train: pass  # the first epoch: decode and cache
+        first = time.perf_counter() - t0
+        learners[cf] = ssl_learner(dls, method, arch=arch, pretrained=pretrained, size=size)
+        rows.append(dict(crop_from=cf, source_px=src, decode_s=first, cache_mb=len(dls.train.dataset) * src * src * 3 / 2 ** 20, train=0.0))
+    for _ in range(rounds):
+        for r in rows: r['train'] = max(r['train'], timed_fit(learners[r['crop_from']], n_batches))
+    for r in rows: r['ratio'] = r['train'] / rows[0]['train']
+    return rows

@@ -13,10 +13,11 @@ from .registry import method_names  # reads fgssl_nb/methods.txt: no method is i
 # torch and fastai (through fgssl_nb.data) are imported inside the functions: every `--help` answers at once
 
 # %% auto #0
-__all__ = ['REF_BS', 'RENAMED', 'SYNTH_IMAGENET', 'SYNTH_SCRATCH', 'PRETRAINED_OPTIONS', 'EVAL_PROTOCOLS', 'METRIC_COLS', 'die',
-           'user_errors', 'save_batch_grid', 'data_summary', 'lr_rule', 'scale_lr', 'renamed_options', 'start_options',
-           'pretrain_run', 'parse_kw', 'fgssl_pretrain', 'evaluate_run', 'fgssl_eval', 'results_table', 'demo_views',
-           'demo', 'fgssl_demo']
+__all__ = ['REF_BS', 'RENAMED', 'SYNTH_IMAGENET', 'SYNTH_SCRATCH', 'ADAPT_IMAGENET', 'PRETRAINED_OPTIONS', 'CROP_FROM',
+           'EVAL_PROTOCOLS', 'METRIC_COLS', 'die', 'user_errors', 'save_batch_grid', 'data_summary', 'lr_rule',
+           'scale_lr', 'renamed_options', 'start_options', 'source_size', 'pretrain_run', 'parse_kw', 'fgssl_pretrain',
+           'eval_device', 'eval_precision', 'evaluate_run', 'fgssl_eval', 'results_table', 'demo_views', 'demo',
+           'fgssl_demo']
 
 # %% ../nbs/40_cli.ipynb #cd34b558
 def die(msg: str):
@@ -99,19 +100,39 @@ def renamed_options(method: str, options: dict) -> dict:
 SYNTH_IMAGENET = dict(rec_to_encoder=False, nu=0.1, decoder_warmup=5, perceptual=1.0, decoder_lr_mult=0.1,
                       noise_ref='mean', noise_scale=2.0)
 SYNTH_SCRATCH = dict(alpha=1.0, nu=1.0, n_dims=0.25, decoder_warmup=0, perceptual=0.0)  # SynthPairs' own defaults (tested)
-PRETRAINED_OPTIONS = {'synth-moco': SYNTH_IMAGENET, 'synth-simsiam': SYNTH_IMAGENET}
+# Any self-supervised method from an ImageNet start (50_compare, "Adapting the ImageNet start", says what was measured):
+# the encoder's BatchNorm statistics kept (their drift did most of the damage) and the encoder at a tenth of the heads' rate
+ADAPT_IMAGENET = dict(freeze_bn=True, encoder_lr_mult=0.1)
+PRETRAINED_OPTIONS = {'synth-moco': {**ADAPT_IMAGENET, **SYNTH_IMAGENET}, 'synth-simsiam': {**ADAPT_IMAGENET, **SYNTH_IMAGENET}}
 
 def start_options(method: str, pretrained: bool, options: dict) -> dict:
-    "`options` completed with the settings of `method` for its start: with `pretrained`, `PRETRAINED_OPTIONS[method]` fill in what `options` leaves out."
-    return {**PRETRAINED_OPTIONS.get(method, {}), **options} if pretrained else dict(options)
+    """`options` completed with the settings of `method` for its start: with `pretrained`, `PRETRAINED_OPTIONS[method]` (or, for
+    any other self-supervised method, `ADAPT_IMAGENET`) fill in what `options` leaves out; trainers keep their own."""
+    if not pretrained: return dict(options)
+    from fgssl_nb.registry import is_trainer
+    base = PRETRAINED_OPTIONS.get(method, {} if is_trainer(method) else ADAPT_IMAGENET)
+    return {**base, **options}
+
+# the side SSL views are cropped from, in units of --size (see `source_size`): 1.5 measured on cars40 (MoCo v2 from ImageNet,
+# 96 px, 10 epochs, 2 seeds; 50_compare): linear top-1 +2.2 points over crops from the centre crop at --size, k-NN and mAP
+# level, 2 % fewer images/s (`fgssl_bench crop`) and 2.25x the cache's memory
+CROP_FROM = 1.5
+
+def source_size(size: int, crop_from: float = CROP_FROM) -> int:
+    "The side (px) to which images are decoded and cached for an SSL run's random crops: `crop_from` x `size`, rounded to even."
+    return max(size, 2 * round(size * crop_from / 2))
 
 def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18', pretrained: bool = False, size: int = 64,
                  bs: int = 64, epochs: int = 20, lr: float | None = None, seed: int = 0, out='runs/run', resume: bool = False,
                  views: str | None = None, precision: str = 'auto', workers: int | None = None, knn: bool = True,
-                 progress: bool | None = None, skip_bad: bool = False, keep_optimizer: bool = True, log=None, **method_kwargs):
+                 progress: bool | None = None, skip_bad: bool = False, keep_optimizer: bool = True, log=None,
+                 ssl_holdout: float = 0.0, crop_from: float = CROP_FROM, dry_run: bool = False, **method_kwargs):
     """Pretrain `method` on `data` into run folder `out` (see `fgssl_pretrain`); returns the Learner. The data are checked
     first (`check_for_run`): `skip_bad` leaves unreadable images out; `keep_optimizer=False` (SSL methods) drops the optimiser
-    state from the final `checkpoint.pth`."""
+    state from the final `checkpoint.pth`. `pretrained`: True, or 'V1'/'V2' (which ImageNet weights of a torchvision encoder).
+    SSL methods: `ssl_holdout`, the fraction of the pretext pool held out for a validation loss (0: train on all of it);
+    `crop_from`, the side the views' random crops are cut from, as a multiple of `size`. `dry_run`: print the resolved
+    configuration (`config.json` as it would be written) and return it, touching nothing."""
     from fastai.torch_core import set_seed
     from fgssl_nb.learner import ssl_learner, pretrain
     from fgssl_nb.registry import get_method, is_trainer
@@ -123,7 +144,8 @@ def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18',
     method_kwargs = renamed_options(method, method_kwargs)  # old option names (--kw k=3)
     from fgssl_nb.runs import check_trackers
     check_trackers(log)
-    out = Path(out); _check_run_dir(out, resume)
+    out = Path(out)
+    if not dry_run: _check_run_dir(out, resume)
     if resume and (out / 'config.json').exists():  # a resumed run keeps its own settings
         cfg = json.loads((out / 'config.json').read_text())
         method, data, arch, size, bs, seed, views = (cfg[k] for k in ('method', 'data', 'arch', 'size', 'bs', 'seed', 'views'))
@@ -133,15 +155,32 @@ def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18',
         skip_bad = cfg.get('skip_bad', skip_bad)  # the images it was started with
         keep_optimizer = cfg.get('keep_optimizer', keep_optimizer)
         log = log or cfg.get('log')
+        ssl_holdout, crop_from = cfg.get('ssl_holdout', 0.1), cfg.get('crop_from', 1.0)  # a run from before these existed: what it had
     method_kwargs = start_options(method, pretrained, method_kwargs)  # an ImageNet start: its own settings (config.json records them)
+    if isinstance(pretrained, str):  # a weights version: checked before the data are read
+        from fgssl_nb.models import torchvision_weights
+        torchvision_weights(arch, pretrained)
+    if not 0 <= ssl_holdout < 1: raise ValueError(f"--ssl_holdout must be a fraction in [0, 1), got {ssl_holdout}")
+    if crop_from < 1: raise ValueError(f"--crop_from must be at least 1 (crops from the image at --size or larger), got {crop_from}")
+    cls = get_method(method)
+    config = dict(method=method, data=str(data), arch=arch, pretrained=pretrained, size=size, bs=bs, seed=seed, views=views,
+                  precision_asked=precision, workers=workers, method_kwargs=method_kwargs, skip_bad=skip_bad,
+                  keep_optimizer=keep_optimizer, log=[log] if isinstance(log, str) else list(log or []))
+    if not is_trainer(method):
+        config.update(ssl_holdout=ssl_holdout, crop_from=crop_from, source_size=source_size(size, crop_from))
+        if lr is None:  # the method's default, quoted at batch REF_BS, scaled to this batch
+            lr = scale_lr(cls.lr, bs * world_size(), rule=lr_rule(cls))  # the global batch: --bs per process x processes
+            config['lr_rule'] = f"{cls.lr:g} at batch {REF_BS}, {lr_rule(cls)} in the global batch"
+    if dry_run:
+        res = dict(config, epochs=epochs, lr=lr, world_size=world_size(), global_bs=world_size() * bs, out=str(out))
+        print(json.dumps(res, indent=1, default=str))
+        return res
     ds, data_info = rank0_first(check_for_run, data, out, skip_bad=skip_bad)  # every file read before any training; rank 0 makes the caches
     if resume and (out / 'config.json').exists() and cfg.get('data_check', data_info) != data_info:
         print(f"warning: the data changed since this run started (then {cfg['data_check']}, now {data_info}); "
               "it continues on the images there are now")
     set_seed(seed + rank())  # several processes: each its own augmentation stream (DDP starts them all from rank 0's weights)
-    config = dict(method=method, data=str(data), arch=arch, pretrained=pretrained, size=size, bs=bs, seed=seed, views=views,
-                  precision_asked=precision, workers=workers, method_kwargs=method_kwargs, skip_bad=skip_bad, data_check=data_info,
-                  keep_optimizer=keep_optimizer, log=[log] if isinstance(log, str) else list(log or []))
+    config['data_check'] = data_info
     if is_trainer(method):  # a GAN or a supervised baseline: its own Learner, the same run folder
         if method_kwargs.get('local_views'): raise ValueError(f"{method} takes no local views (multi-crop); drop --local_views")
         print(f"training {method} ({arch}{', ImageNet init' if pretrained else ''}, {size}px, batch {bs}) for {epochs} epochs -> {out}")
@@ -149,17 +188,15 @@ def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18',
         return get_method(method)(ds, out, arch=arch, pretrained=pretrained, size=size, bs=bs, epochs=epochs, lr=lr, seed=seed,
                                 resume=resume, precision=precision, workers=workers, progress=progress, config=config,
                                 views=views, **method_kwargs)
-    cls = get_method(method)
-    if lr is None:  # the method's default, quoted at batch REF_BS, scaled to this batch
-        lr = scale_lr(cls.lr, bs * world_size(), rule=lr_rule(cls))  # the global batch: --bs per process x processes
-        config['lr_rule'] = f"{cls.lr:g} at batch {REF_BS}, {lr_rule(cls)} in the global batch"
-    dls = ssl_dls(ds, size=size, bs=bs, seed=seed, num_workers=workers, verify=None)  # the pre-flight decoded every image
+    dls = ssl_dls(ds, size=size, bs=bs, seed=seed, num_workers=workers, verify=None, valid_pct=ssl_holdout,  # the pre-flight decoded every image
+                  source=source_size(size, crop_from))
     kdls = labeled_dls(ds, size=size, bs=bs, num_workers=workers, verify=None) if knn else None
-    learn = ssl_learner(dls, method, arch=arch, pretrained=pretrained, views=views, precision=precision,
+    learn = ssl_learner(dls, method, arch=arch, pretrained=pretrained, size=size, views=views, precision=precision,
                         knn_dls=kdls, run_dir=out, **method_kwargs)
     config['n_pretext'] = len(dls.train.dataset)
-    print(f"pretraining {method} ({arch}{', ImageNet init' if pretrained else ''}, {size}px, batch {bs}, lr {lr:.3g}, {learn.run_state.precision}) "
-          f"on {len(dls.train.dataset)} images for {epochs} epochs -> {out}")
+    print(f"pretraining {method} ({arch}{', ImageNet init' if pretrained else ''}, {size}px crops from {source_size(size, crop_from)}px, batch {bs}, "
+          f"lr {lr:.3g}, {learn.run_state.precision}) on {len(dls.train.dataset)} images"
+          f"{f' ({len(dls.valid.dataset)} held out)' if len(dls.valid.dataset) else ''} for {epochs} epochs -> {out}")
     return pretrain(learn, epochs, lr=lr, run_dir=out, resume=resume, config=config, progress=progress,
                     keep_optimizer=keep_optimizer)
 
@@ -189,11 +226,13 @@ def fgssl_pretrain(method: Param(f"SSL method: {', '.join(method_names('ssl'))};
                                  "(the list: fgssl_nb/methods.txt)", str) = 'simclr',
                    data: Param("data folder (CUB, Aircraft, Cars, Flowers-102 or class folders), or 'default' (toy birds)", str) = 'default',
                    arch: Param("encoder: resnet18, resnet50, efficientnet_lite0, or a timm name", str) = 'resnet18',
-                   pretrained: Param("start from ImageNet weights (offline: efficientnet_lite0 only)", store_true) = False,
+                   pretrained: Param("start from ImageNet weights (offline: efficientnet_lite0 only; torchvision encoders: torchvision's DEFAULT, see --weights)", store_true) = False,
+                   weights: Param("which ImageNet weights of a torchvision encoder: V1 (the papers' ResNets) or V2; implies --pretrained", str) = None,
                    size: Param("image size in px", int) = 64,
-                   bs: Param("batch size in images (each gives 2 views; 9 tiles for jigsaw)", int) = 64,
+                   bs: Param("batch size in images per process (each gives 2 views; 9 tiles for jigsaw); under torchrun the global batch is --bs x processes", int) = 64,
                    epochs: Param("epochs", int) = 20,
-                   lr: Param("peak learning rate (default: the method's, quoted at batch 64 and scaled with --bs: linearly for SGD methods, by the square root for Adam ones)", float) = None,
+                   lr: Param("peak learning rate (default: an SSL method's own, quoted at a global batch of 64 and scaled to --bs x processes: "
+                             "linearly for SGD methods, by the square root for Adam ones; the supervised, pmg and srgan trainers use theirs unscaled)", float) = None,
                    seed: Param("random seed (same seed, same numbers on the CPU)", int) = 0,
                    out: Param("run folder: config.json, log.csv, checkpoint.pth, encoder.pth", str) = 'runs/run',
                    resume: Param("continue the interrupted run in --out from its last checkpoint", store_true) = False,
@@ -216,11 +255,17 @@ def fgssl_pretrain(method: Param(f"SSL method: {', '.join(method_names('ssl'))};
                    local_views: Param("multi-crop: this many local views at half the size, besides the 2 global ones (methods with multicrop: "
                                       "see fgssl_nb.learner.SSLMethod)", int) = 0,
                    log: Param("experiment tracking besides log.csv: tensorboard (<out>/tensorboard) and/or wandb (offline unless WANDB_MODE=online)", str, nargs='*') = None,
-                   kw: Param("more method options as key=value, e.g. --kw n_blocks=4 dropout=0.5", str, nargs='*') = None):
+                   ssl_holdout: Param("SSL methods: fraction of the pretext pool held out for a validation loss (default 0: train on all of it)", float) = 0.0,
+                   crop_from: Param(f"SSL methods: the views' random crops are cut from the image decoded at this multiple of --size (default {CROP_FROM:g})", float) = CROP_FROM,
+                   dry_run: Param("print the resolved configuration (what config.json would hold: options, learning rate, batch) and stop", store_true) = False,
+                   kw: Param("more method options as key=value, e.g. --kw n_blocks=4 dropout=0.5; SSL methods also take encoder_lr_mult, encoder_hold and "
+                             "freeze_bn, how an ImageNet start adapts (default with --pretrained: " + ', '.join(f"{k}={v}" for k, v in ADAPT_IMAGENET.items())
+                             + "; from scratch: encoder_lr_mult=1, freeze_bn=False)", str, nargs='*') = None):
     "Pretrain an encoder with a self-supervised method (or a baseline trainer); writes a run folder."
     _check_train_args(size, bs, epochs)
-    try: pretrain_run(method, data, arch, pretrained, size, bs, epochs, lr, seed, out, resume, views, precision, workers,
-                      not no_knn, skip_bad=skip_bad, keep_optimizer=not drop_optimizer, log=log,
+    try: pretrain_run(method, data, arch, weights or pretrained, size, bs, epochs, lr, seed, out, resume, views, precision, workers,
+                      not no_knn, skip_bad=skip_bad, keep_optimizer=not drop_optimizer, log=log, ssl_holdout=ssl_holdout,
+                      crop_from=crop_from, dry_run=dry_run,
                       **_method_kwargs(criterion, alpha, nu, n_dims if n_dims is not None else k, kw, decoder_warmup), **({'local_views': local_views} if local_views else {}))
     except user_errors() as e: die(str(e))
 
@@ -242,11 +287,36 @@ def _label_efficiency(feats: dict, out: Path, name: str) -> dict:
     ax = plot_label_efficiency(df, label=name); ax.figure.savefig(out / 'label_efficiency.png', dpi=80, bbox_inches='tight'); plt.close(ax.figure)
     return {f"linear_top1_{r.shots}shot": float(r.top1_mean) for r in df.itertuples()}  # shots: 1, 5, 10, 'all'
 
+def eval_device(device: str | None = None):
+    "Where evaluation runs: `device` ('cpu', 'cuda', 'cuda:1'; None or 'auto': CUDA when there is a GPU, else the CPU)."
+    import torch
+    if device in (None, 'auto'): return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try: d = torch.device(device)
+    except RuntimeError as e: raise ValueError(f"--device {device!r} is not a device: cpu, cuda or cuda:N") from e
+    if d.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: there is no CUDA GPU here (torch.cuda.is_available() is False); use --device cpu")
+    if d.type == 'cuda' and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if d.type not in ('cpu', 'cuda'): raise ValueError(f"--device {device}: evaluation runs on cpu or cuda")
+    return d
+
+def eval_precision(precision: str, device, run_precision: str | None = None) -> str:
+    """The precision of feature extraction: 'auto' is float32 on the CPU (exact, comparable numbers) and on CUDA the run's
+    own training precision (bf16 for a baseline where the GPU has it); the probes on the features are float32 always."""
+    import torch
+    if precision not in ('auto', 'fp32', 'bf16', 'fp16'): raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision != 'auto': return precision
+    if torch.device(device).type != 'cuda': return 'fp32'
+    if run_precision in ('fp32', 'bf16', 'fp16'): return run_precision
+    return 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
+
 def evaluate_run(run_dir=None, data=None, protocols=('linear', 'knn', 'retrieval'), encoder: str | None = None,
                  arch: str = 'resnet18', size: int | None = None, bs: int = 64, seed: int = 0, out=None, workers: int | None = None,
-                 skip_bad: bool = False) -> dict:
+                 skip_bad: bool = False, device: str | None = None, precision: str = 'auto', weights: str | None = None) -> dict:
     """Evaluate the encoder of `run_dir` (or a `random`/`imagenet` baseline `encoder`) and update `metrics.json`.
-    `skip_bad` leaves unreadable images out (default for a run: what it was trained with)."""
+    `skip_bad` leaves unreadable images out (default for a run: what it was trained with). `device`: where the features
+    are extracted (`eval_device`: CUDA when there is a GPU); `precision`: of the extraction (`eval_precision`), the probes
+    always in float32; `weights`: the ImageNet weights of an `imagenet` baseline (torchvision encoders: V1 or V2)."""
     import torch
     from fastai.torch_core import set_seed
     from fgssl_nb.check import check_for_run
@@ -267,7 +337,7 @@ def evaluate_run(run_dir=None, data=None, protocols=('linear', 'knn', 'retrieval
         if encoder not in ('random', 'imagenet'): raise ValueError(f"--encoder must be 'random' or 'imagenet', got {encoder!r}")
         if out is None: raise ValueError("--encoder random/imagenet needs --out, the folder for metrics.json")
         set_seed(seed)
-        enc = create_encoder(arch, pretrained=encoder == 'imagenet')
+        enc = create_encoder(arch, pretrained=encoder == 'imagenet', weights=weights if encoder == 'imagenet' else None)
         data, size, out = data or 'default', size or 64, Path(out)
         desc = dict(encoder=encoder, method=f'{encoder}-init', arch=arch)
     if 'decoder' in protocols and encoder is not None:
@@ -278,17 +348,23 @@ def evaluate_run(run_dir=None, data=None, protocols=('linear', 'knn', 'retrieval
     if 'decoder' in protocols:  # a decoder of another encoder: refused before anything is computed
         from fgssl_nb.synth import load_decoder
         load_decoder(run_dir / 'decoder.pth', enc)
+    dev = eval_device(device)
+    amp = eval_precision(precision, dev, cfg.get('precision') if encoder is None else None)
+    enc.to(dev)
     out.mkdir(parents=True, exist_ok=True)
     ds, data_info = check_for_run(data, out, skip_bad=skip_bad)  # before the slow work
+    desc.update(eval_device=str(dev), eval_precision=amp)
     t0 = time.perf_counter()
     le = 'label_efficiency' in protocols
     protos = tuple(dict.fromkeys([p for p in protocols if p != 'label_efficiency'] + (['linear'] if le else [])))
     frozen = tuple(p for p in protos if p not in ('finetune', 'head', 'decoder'))
-    m, feats = evaluate_encoder(enc, ds, size=size, bs=bs, protocols=frozen, num_workers=workers, return_features=True) if frozen else ({}, {})
+    m, feats = evaluate_encoder(enc, ds, size=size, bs=bs, protocols=frozen, num_workers=workers, device=dev, precision=amp,
+                                return_features=True) if frozen else ({}, {})
     m = {k: float(v) for k, v in m.items() if np.isscalar(v)}
     if frozen: _merge_json(out / 'metrics.json', dict(m, **desc, **data_info, data=str(data), size=size))  # saved before the slower protocols
     if le: m.update(_label_efficiency(feats, out, desc['method']))
-    if 'finetune' in protos: m.update({k: float(v) for k, v in evaluate_encoder(enc, ds, size=size, bs=bs, protocols=('finetune',), num_workers=workers).items()})
+    if 'finetune' in protos: m.update({k: float(v) for k, v in evaluate_encoder(enc, ds, size=size, bs=bs, protocols=('finetune',), num_workers=workers,
+                                                                                device=dev).items()})
     if 'head' in protos:  # the SRGAN downstream of arXiv 2107.13973: frozen generator (or discriminator) + conv/fc head with dropout
         if getattr(enc, 'arch', None) not in ('srgan_g', 'srgan_d'): raise ValueError(f"--protocols head is the SRGAN classifier; this encoder is {enc.arch}")
         from fgssl_nb.srgan import srgan_head_eval
@@ -311,14 +387,20 @@ def fgssl_eval(run_dir: Param("run folder written by fgssl_pretrain", str, nargs
                seed: Param("seed of the random baseline", int) = 0,
                out: Param("folder for metrics.json (default: the run folder)", str) = None,
                workers: Param("DataLoader workers", int) = None,
-               skip_bad: Param("leave unreadable images out instead of stopping (listed in skipped.txt, counted in metrics.json); default: what the run was trained with", store_true) = False):
+               skip_bad: Param("leave unreadable images out instead of stopping (listed in skipped.txt, counted in metrics.json); default: what the run was trained with", store_true) = False,
+               device: Param("where features are extracted: cpu, cuda, cuda:N (default: cuda when there is a GPU, else cpu)", str) = None,
+               precision: Param("precision of the feature extraction: auto (fp32 on the CPU; on CUDA the run's training precision), fp32, bf16, fp16; probes are fp32", str) = 'auto',
+               weights: Param("ImageNet weights of the --encoder imagenet baseline for torchvision encoders: V1 or V2 (default: torchvision's DEFAULT, V2 where it exists)", str) = None):
     "Evaluate a pretrained encoder (linear probe, k-NN, retrieval); writes metrics.json."
     matplotlib.use('Agg')
     bad = [p for p in protocols if p not in EVAL_PROTOCOLS]
     if bad: die(f"unknown protocol {bad[0]!r}; choose from {', '.join(EVAL_PROTOCOLS)}")
     if size is not None and size < 16: die(f"--size must be at least 16 px, got {size}")
     if bs < 1: die(f"--bs must be at least 1, got {bs}")
-    try: m = evaluate_run(run_dir, data, protocols, encoder, arch, size, bs, seed, out, workers, skip_bad=skip_bad)
+    from fgssl_nb.distributed import launched_rank
+    if launched_rank() > 0: return  # under torchrun: rank 0 evaluates, once
+    try: m = evaluate_run(run_dir, data, protocols, encoder, arch, size, bs, seed, out, workers, skip_bad=skip_bad,
+                          device=device, precision=precision, weights=weights)
     except user_errors() as e: die(str(e))
     print(json.dumps(m, indent=1))
 
@@ -388,8 +470,8 @@ def fgssl_demo(data: Param("data folder, or 'default' for the built-in toy birds
                views: Param("view recipe (see fgssl_pretrain --help); auto: hue views on the built-in toy birds, whose colours are random, else the method's own", str) = 'auto',
                epochs: Param("pretraining epochs", int) = 20,
                size: Param("image size in px", int) = 64,
-               bs: Param("batch size", int) = 64,
-               lr: Param("peak learning rate (default: the method's at batch 64, scaled with --bs)", float) = None,
+               bs: Param("batch size per process (under torchrun the global batch is --bs x processes)", int) = 64,
+               lr: Param("peak learning rate (default: the SSL method's, quoted at a global batch of 64 and scaled to --bs x processes; the supervised reference keeps its own)", float) = None,
                seed: Param("random seed", int) = 0,
                precision: Param("auto, fp32, bf16", str) = 'auto',
                resume: Param("continue an interrupted demo in --out", store_true) = False,

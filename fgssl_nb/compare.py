@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np, pandas as pd
 import matplotlib
 from fastcore.script import call_parse, Param, store_true
-from .registry import get_method
-from .cli import pretrain_run, evaluate_run, scale_lr, METRIC_COLS, user_errors, die, SYNTH_IMAGENET, start_options
+from .registry import get_method, is_trainer
+from .cli import pretrain_run, evaluate_run, scale_lr, METRIC_COLS, user_errors, die, SYNTH_IMAGENET, ADAPT_IMAGENET, start_options
 
 # %% auto #0
-__all__ = ['SYSTEM1_VIEWS', 'GRIDS', 'PRESETS', 'RUN_DEFAULTS', 'METRICS', 'resolve_entry', 'slug', 'SettingMismatch',
-           'run_entry', 'run_grid', 'summarize', 'results_markdown', 'plot_results', 'fgssl_compare']
+__all__ = ['SYSTEM1_VIEWS', 'GRIDS', 'PAPER_MOCO', 'PAPER_SIMSIAM', 'PRESETS', 'RUN_DEFAULTS', 'RUN_KEYS', 'METRICS',
+           'apply_methods', 'resolve_entry', 'slug', 'SettingMismatch', 'entry_settings', 'run_entry', 'run_grid',
+           'summarize', 'results_markdown', 'plot_results', 'fgssl_compare']
 
 # %% ../nbs/50_compare.ipynb #756ababd
 SYSTEM1_VIEWS = ('gamma', 'dropout', 'regions', 'patchswap', 'dcl', 'jigsaw')
@@ -49,11 +50,54 @@ GRIDS: dict[str, list[dict]] = {
             dict(name='simsiam', method='simsiam'),
             dict(name='synth-simsiam (variance)', method='synth-simsiam', kw=dict(criterion='variance')),
             dict(name='supervised', method='supervised', kw_pretrained=dict(encoder_lr_mult=0.1))],
+    # System 1 at the scale of its published code (arXiv 2107.13973; cassava leaves): each entry with its own size,
+    # batch, learning rate and epochs where that code has them. Not for a CPU.
+    'system1-paper': [
+        dict(name='random init', encoder='random'),
+        # 3x3 tiles of a 225-px centre crop, 64-px tiles; SGD 0.01 (momentum 0.9, wd 5e-4: the method's own), batch 32, 15 epochs
+        dict(name='jigsaw', method='jigsaw', size=225, bs=32, lr=0.01, epochs=15, ssl_holdout=0.1),
+        # ResNet-18 from scratch, 512 px, MLP 512-512-512, tau 0.5, Adam 1e-3 (wd 1e-5: the method's own), batch 64,
+        # 500 epochs, 20 % of the pool held out (the code's validation split); its cosine schedule was never stepped
+        *[dict(name=n, method='simclr', size=512, bs=64, lr=1e-3, epochs=500, ssl_holdout=0.2, views=v,
+               kw=dict(proj_hidden=512, proj_dim=512, temperature=0.5))
+          for n, v in [('simclr', None)] + [(f'simclr + {v}', v) for v in SYSTEM1_VIEWS]],
+        # SRResNet 16 blocks x 64 channels, 4x, HR 96 px, batch 32, Adam 1e-4; the pretext epochs are not in the code (100 here);
+        # downstream from the frozen generator without its last 2 blocks
+        dict(name='srgan', method='srgan', size=96, bs=32, lr=1e-4, epochs=100, kw=dict(n_blocks=16, nf=64, d_nf=64, drop_blocks=2),
+             protocols=('linear', 'knn', 'retrieval', 'head')),
+        dict(name='supervised', method='supervised', arch='resnet50', pretrained='V1', size=448, bs=16, lr=2e-3, epochs=100,
+             kw=dict(encoder_lr_mult=0.1)),
+        # PMG: ResNet-50 from ImageNet, 448-px crops, SGD 2e-3 (backbone 2e-4), wd 5e-4, batch 16, 100 epochs, cosine
+        dict(name='pmg', method='pmg', arch='resnet50', pretrained='V1', size=448, bs=16, lr=2e-3, epochs=100,
+             kw=dict(encoder_lr_mult=0.1, wd=5e-4))],
 }
 
-# Named presets: the settings a grid runs with unless the command line gives them
-PRESETS = {'lcr': dict(grid='lcr', arch='efficientnet_lite0', pretrained=True, size=96, bs=64, epochs=5)}
+# MoCo v2 as LCR runs it: a queue of 65,536 keys, key-encoder momentum 0.999, SGD lr 0.03 at batch 128 (0.015 at the
+# reference batch 64, scaled with --bs); the encoder trains at the full rate with its BatchNorm statistics (no CPU adaptation)
+PAPER_MOCO = dict(lr=0.015, kw=dict(queue_size=65536, momentum=0.999, encoder_lr_mult=1.0, encoder_hold=0, freeze_bn=False))
+PAPER_SIMSIAM = dict(kw=dict(encoder_lr_mult=1.0, encoder_hold=0, freeze_bn=False))  # SimSiam's own 0.05 x batch / 256
+
+# Named presets: the settings a grid runs with unless the command line gives them; `methods`: settings of the entries of a method
+PRESETS = {
+    # the CPU's scale; from ImageNet every SSL entry adapts its start (`fgssl_nb.cli.ADAPT_IMAGENET`, measured below at 10 epochs)
+    'lcr': dict(grid='lcr', arch='efficientnet_lite0', pretrained=True, size=96, bs=64, epochs=10),
+    # system 2 at its papers' scale (LCR protocol): ResNet-50 with torchvision's V1 ImageNet weights, 224 px, batch 128,
+    # 100 epochs, crops from the image decoded at 1.5x (336 px), the whole training split
+    'lcr-paper': dict(grid='lcr', arch='resnet50', pretrained='V1', size=224, bs=128, epochs=100, crop_from=1.5, ssl_holdout=0.0,
+                      methods={'moco': PAPER_MOCO, 'synth-moco': PAPER_MOCO, 'simsiam': PAPER_SIMSIAM, 'synth-simsiam': PAPER_SIMSIAM}),
+    # system 1 at the scale of its published code: the entries carry their own settings (grid system1-paper)
+    'system1-paper': dict(grid='system1-paper', arch='resnet18', pretrained=False, size=512, bs=64, epochs=500, crop_from=1.0),
+}
 RUN_DEFAULTS = dict(arch='resnet18', pretrained=False, size=64, bs=64, epochs=10)
+
+def apply_methods(entries: list[dict], methods: dict | None) -> list[dict]:
+    "`entries` with a preset's per-method settings: `methods[m]`'s `kw` merged into the `kw` of every entry of method m, its other keys where the entry has none."
+    out = []
+    for e in entries:
+        m = (methods or {}).get(e.get('method'))
+        if m: e = {**{k: v for k, v in m.items() if k != 'kw'}, **e, 'kw': {**m.get('kw', {}), **e.get('kw', {})}}
+        out.append(e)
+    return out
 
 def resolve_entry(entry: dict, pretrained: bool = False) -> dict:
     "`entry` for an encoder that starts from ImageNet (`pretrained`) or not: `encoder='init'` becomes that starting encoder, `kw_pretrained` joins `kw`."
@@ -72,10 +116,16 @@ def slug(name: str) -> str:
 class SettingMismatch(ValueError):
     "A run folder that holds a run made with other settings than the ones asked for."
 
-def _expected(entry: dict, arch: str, pretrained: bool, size: int, bs: int, epochs: int) -> dict:
+RUN_KEYS = ('ssl_holdout', 'crop_from')  # `pretrain_run` settings of the SSL entries that a preset (or an entry) may give
+
+def entry_settings(entry: dict, arch: str, pretrained, size: int, bs: int, epochs: int) -> dict:
+    "The architecture, start, image size, batch and epochs of `entry`: its own where it gives them (a paper preset's PMG, for one), else the grid's."
+    return {k: entry.get(k, v) for k, v in dict(arch=arch, pretrained=pretrained, size=size, bs=bs, epochs=epochs).items()}
+
+def _expected(entry: dict, arch: str, pretrained, size: int, bs: int, epochs: int) -> dict:
     "The settings that `entry`'s run folder must have been made with (a baseline: only evaluated, at `size`)."
-    if entry.get('encoder'): return dict(arch=entry.get('arch', arch), size=size)
-    return dict(arch=entry.get('arch', arch), pretrained=pretrained, size=size, bs=entry.get('bs', bs), epochs=epochs)
+    s = entry_settings(entry, arch, pretrained, size, bs, epochs)
+    return dict(arch=s['arch'], size=s['size']) if entry.get('encoder') else s
 
 def _check_same_setting(run: Path, **want):
     "Refuse to reuse a run folder made with other settings (its config.json, or a baseline's metrics.json): a table never mixes two."
@@ -88,34 +138,38 @@ def _check_same_setting(run: Path, **want):
 
 def run_entry(entry: dict, data='default', seed: int = 0, out='runs/compare', epochs: int = 10, size: int = 64,
               bs: int = 64, precision: str = 'auto', protocols=('linear', 'knn', 'retrieval'), arch: str = 'resnet18',
-              pretrained: bool = False, skip_bad: bool = False) -> dict:
-    "Pretrain and evaluate one grid `entry` for one `seed` in `out/<slug>/seed<seed>`; returns its metrics row."
-    entry = resolve_entry(entry, pretrained)
+              pretrained: bool | str = False, skip_bad: bool = False, run_kw: dict | None = None, device: str | None = None) -> dict:
+    """Pretrain and evaluate one grid `entry` for one `seed` in `out/<slug>/seed<seed>`; returns its metrics row. `run_kw`:
+    `pretrain_run` settings of the SSL entries (`RUN_KEYS`); `device`: where the evaluation runs (default: CUDA when there is a GPU)."""
+    entry = resolve_entry(entry, entry.get('pretrained', pretrained))
     run = Path(out) / slug(entry['name']) / f'seed{seed}'
     _check_same_setting(run, **_expected(entry, arch, pretrained, size, bs, epochs))
-    protocols, arch = tuple(entry.get('protocols', protocols)), entry.get('arch', arch)
+    s = entry_settings(entry, arch, pretrained, size, bs, epochs)
+    protocols = tuple(entry.get('protocols', protocols))
     t0 = time.perf_counter()
     if entry.get('encoder'):  # an untrained baseline: evaluation only
-        m = evaluate_run(encoder=entry['encoder'], arch=arch, data=data, size=size, seed=seed, out=run, protocols=protocols,
-                         skip_bad=skip_bad)
+        weights = s['pretrained'] if isinstance(s['pretrained'], str) and entry['encoder'] == 'imagenet' else None
+        m = evaluate_run(encoder=entry['encoder'], arch=s['arch'], data=data, size=s['size'], seed=seed, out=run, protocols=protocols,
+                         skip_bad=skip_bad, device=device, weights=weights)
     else:
-        _pretrain_entry(entry, data, seed, run, epochs, size, bs, precision, arch, pretrained, skip_bad)
+        _pretrain_entry(entry, data, seed, run, s['epochs'], s['size'], s['bs'], precision, s['arch'], s['pretrained'], skip_bad, run_kw)
         f = run / 'metrics.json'
         have = json.loads(f.read_text()) if f.exists() else {}
-        m = have if all(k in have for k in _metric_keys(protocols)) else evaluate_run(run, data, protocols, skip_bad=skip_bad)
+        m = have if all(k in have for k in _metric_keys(protocols)) else evaluate_run(run, data, protocols, skip_bad=skip_bad, device=device)
     cfg = json.loads((run / 'config.json').read_text()) if (run / 'config.json').exists() else {}
     return dict(name=entry['name'], seed=seed, method=entry.get('method', entry.get('encoder')), epochs=cfg.get('epochs', 0),
                 **{k: v for k, v in m.items() if isinstance(v, float)}, seconds=round(time.perf_counter() - t0, 1))
 
 def _pretrain_entry(entry: dict, data, seed: int, run: Path, epochs: int, size: int, bs: int, precision: str, arch: str,
-                    pretrained: bool, skip_bad: bool):
-    "Pretrain a resolved grid `entry` into its folder `run`, unless its encoder is there."
-    if (run / 'encoder.pth').exists(): return
+                    pretrained, skip_bad: bool, run_kw: dict | None = None, dry_run: bool = False):
+    "Pretrain a resolved grid `entry` (its own settings already applied) into its folder `run`, unless its encoder is there."
+    if (run / 'encoder.pth').exists() and not dry_run: return
     # an entry's own lr is quoted at its own bs, or else at the grid's reference batch 64: scaled (linearly) with --bs
     lr = entry.get('lr') if 'bs' in entry or entry.get('lr') is None else scale_lr(entry['lr'], bs)
-    pretrain_run(entry['method'], data, arch=entry.get('arch', arch), pretrained=pretrained, size=size, bs=entry.get('bs', bs),
-                 epochs=epochs, seed=seed, lr=lr, out=run, resume=(run / 'checkpoint.pth').exists(), views=entry.get('views'),
-                 precision=precision, knn=False, progress=False, skip_bad=skip_bad, **entry.get('kw', {}))
+    rk = {**(run_kw or {}), **{k: entry[k] for k in RUN_KEYS if k in entry}} if not is_trainer(entry['method']) else {}
+    return pretrain_run(entry['method'], data, arch=arch, pretrained=pretrained, size=size, bs=bs, epochs=epochs, seed=seed, lr=lr,
+                        out=run, resume=(run / 'checkpoint.pth').exists(), views=entry.get('views'), precision=precision, knn=False,
+                        progress=False, skip_bad=skip_bad, dry_run=dry_run, **rk, **entry.get('kw', {}))
 
 def _metric_keys(protocols) -> list[str]:
     keys = dict(linear=['linear_top1'], knn=['knn_top1'], retrieval=['retrieval_rank1', 'retrieval_rank5', 'retrieval_map'],
@@ -123,11 +177,24 @@ def _metric_keys(protocols) -> list[str]:
     return [k for p in protocols for k in keys.get(p, [])]
 
 # %% ../nbs/50_compare.ipynb #c07e41a1
+def _dry_run(entries, data, seeds, out, epochs, size, bs, precision, arch, pretrained, run_kw) -> pd.DataFrame:
+    "Print what each entry of a grid would run with (`pretrain_run(dry_run=True)`'s configuration; a baseline's encoder) and return nothing."
+    for e in entries:
+        s = entry_settings(e, arch, pretrained, size, bs, epochs)
+        print(f"[{e['name']}]", flush=True)
+        if e.get('encoder'): print(json.dumps(dict(encoder=e['encoder'], arch=s['arch'], weights=s['pretrained'], size=s['size']), indent=1))
+        else: _pretrain_entry(e, data, seeds[0], out / slug(e['name']) / f'seed{seeds[0]}', s['epochs'], s['size'], s['bs'], precision,
+                              s['arch'], s['pretrained'], False, run_kw, dry_run=True)
+    return pd.DataFrame()
+
 def run_grid(grid: str | list[dict], data='default', seeds=(0,), out='runs/compare', epochs: int = 10, size: int = 64,
              bs: int = 64, precision: str = 'auto', only: list[str] | None = None, arch: str = 'resnet18',
-             pretrained: bool = False, skip_bad: bool = False) -> pd.DataFrame:
+             pretrained: bool | str = False, skip_bad: bool = False, run_kw: dict | None = None, device: str | None = None,
+             dry_run: bool = False) -> pd.DataFrame:
     """Run `grid` (a name in `GRIDS` or a list of entries) for `seeds`; rows in `out/results.csv`, returned as a DataFrame.
-    The data are checked once first (`skip_bad`: leave unreadable images out); a full disk (`WriteError`) stops the grid."""
+    The data are checked once first (`skip_bad`: leave unreadable images out); a full disk (`WriteError`) stops the grid.
+    `run_kw`: `pretrain_run` settings of the SSL entries (`RUN_KEYS`); `device`: of the evaluations; `dry_run`: print each
+    entry's resolved configuration and stop (nothing is read or written)."""
     from fgssl_nb.check import check_for_run
     from fgssl_nb.runs import WriteError
     from fgssl_nb.distributed import init_distributed, rank0_first, world_size, is_main, solo
@@ -140,10 +207,11 @@ def run_grid(grid: str | list[dict], data='default', seeds=(0,), out='runs/compa
         if unknown: raise ValueError(f"--only {', '.join(map(repr, unknown))} matches no entry of this grid; its entries: "
                                      + ', '.join(repr(resolve_entry(e, pretrained)['name']) for e in entries))
         entries = [e for e in entries if keys(e) & set(only)]
-    entries = [resolve_entry(e, pretrained) for e in entries]
+    entries = [resolve_entry(e, e.get('pretrained', pretrained)) for e in entries]
     for e in entries:  # a typo in a method name stops the grid before anything is computed
         if e.get('method'): get_method(e['method'])
     out = Path(out)
+    if dry_run: return _dry_run(entries, data, seeds, out, epochs, size, bs, precision, arch, pretrained, run_kw)
     for seed in seeds:  # before anything is computed: a folder made with other settings stops the grid (SettingMismatch)
         for e in entries: _check_same_setting(out / slug(e['name']) / f'seed{seed}', **_expected(e, arch, pretrained, size, bs, epochs))
     out.mkdir(parents=True, exist_ok=True)
@@ -151,17 +219,19 @@ def run_grid(grid: str | list[dict], data='default', seeds=(0,), out='runs/compa
     if world_size() > 1:  # several processes: every pretraining first, together; then rank 0 evaluates alone
         for seed in seeds:
             for e in (e for e in entries if e.get('method')):
-                try: _pretrain_entry(e, data, seed, out / slug(e['name']) / f'seed{seed}', epochs, size, bs, precision, arch, pretrained, skip_bad)
+                s = entry_settings(e, arch, pretrained, size, bs, epochs)
+                try: _pretrain_entry(e, data, seed, out / slug(e['name']) / f'seed{seed}', s['epochs'], s['size'], s['bs'], precision,
+                                     s['arch'], s['pretrained'], skip_bad, run_kw)
                 except (WriteError, SettingMismatch): raise
                 except user_errors() as err: print(f"[{e['name']} seed {seed}] pretraining failed: {err}")  # rank 0 records it below
         if not is_main(): return pd.DataFrame()
-        with solo(): return run_grid(grid, data, seeds, out, epochs, size, bs, precision, only, arch, pretrained, skip_bad)
+        with solo(): return run_grid(grid, data, seeds, out, epochs, size, bs, precision, only, arch, pretrained, skip_bad, run_kw, device)
     rows, errors = [], {}
     for seed in seeds:
         for e in entries:
             print(f"[{e['name']} seed {seed}]", flush=True)
             try: rows.append(run_entry(e, data, seed, out, epochs, size, bs, precision, arch=arch, pretrained=pretrained,
-                                       skip_bad=skip_bad))
+                                       skip_bad=skip_bad, run_kw=run_kw, device=device))
             except (WriteError, SettingMismatch): raise  # a full disk, a folder of another setting: every later entry would fail too
             except user_errors() as err:
                 errors[f"{e['name']} seed {seed}"] = f"{type(err).__name__}: {err}"; print(f"  failed: {err}")
@@ -217,22 +287,31 @@ def plot_results(summary: pd.DataFrame, metric: str = 'linear_top1', ax=None, fl
 # %% ../nbs/50_compare.ipynb #5bffdaa2
 @call_parse
 def fgssl_compare(grid: Param(f"which comparison: {', '.join(GRIDS)} (default: system1, or the --preset's)", str) = None,
-                  preset: Param(f"a named preset of grid and settings: {', '.join(PRESETS)} (lcr: grid lcr, ImageNet EfficientNet-Lite0, 96 px, batch 64, 5 epochs; --arch, --size, --bs, --epochs given here win; it always starts from ImageNet: for lcr from scratch use --grid lcr)", str) = None,
+                  preset: Param(f"a named preset of grid and settings: {', '.join(PRESETS)} (lcr: grid lcr, ImageNet EfficientNet-Lite0, 96 px, batch 64, 10 epochs, "
+                                "a CPU's scale; lcr-paper: the LCR protocol, ResNet-50 with V1 weights, 224 px, batch 128, 100 epochs, MoCo queue 65536 and "
+                                "momentum 0.999; system1-paper: system 1's published settings per entry. --arch, --size, --bs, --epochs, --weights given here "
+                                "win; see --dry_run. The lcr presets start from ImageNet: for lcr from scratch use --grid lcr)", str) = None,
                   data: Param("data folder, or 'default' for the built-in toy birds", str) = 'default',
                   seeds: Param("seeds to run", int, nargs='+') = (0,),
                   arch: Param("encoder of every entry: resnet18, resnet50, efficientnet_lite0, or a timm name (default resnet18)", str) = None,
                   pretrained: Param("start every entry from ImageNet weights (offline: efficientnet_lite0 only)", store_true) = False,
+                  weights: Param("which ImageNet weights of a torchvision encoder: V1 or V2 (implies --pretrained)", str) = None,
                   epochs: Param("pretraining epochs per entry (default 10)", int) = None,
                   size: Param("image size in px (default 64)", int) = None,
-                  bs: Param("batch size (default 64); the SSL entries' learning rates follow it (the supervised/srgan/pmg trainers keep theirs)", int) = None,
+                  bs: Param("batch size per process (default 64); the SSL entries' learning rates follow the global batch (the supervised/srgan/pmg trainers keep theirs)", int) = None,
                   precision: Param("auto, fp32, bf16", str) = 'auto',
                   out: Param("folder for the runs, results.csv and results.md (default runs/compare_<grid>[_<data>_<arch>[_imagenet]]); a folder holding runs of other settings is refused", str) = None,
                   only: Param("run only these entries (names or folder names)", str, nargs='*') = None,
-                  skip_bad: Param("leave unreadable images out of every entry instead of stopping (skipped.txt in each run folder)", store_true) = False):
+                  skip_bad: Param("leave unreadable images out of every entry instead of stopping (skipped.txt in each run folder)", store_true) = False,
+                  ssl_holdout: Param("SSL entries: fraction of the pretext pool held out for a validation loss (default 0, or the preset's)", float) = None,
+                  crop_from: Param("SSL entries: views cropped from the image decoded at this multiple of --size (default fgssl_pretrain's, or the preset's)", float) = None,
+                  device: Param("where the evaluations run: cpu, cuda, cuda:N (default: cuda when there is a GPU)", str) = None,
+                  dry_run: Param("print every entry's resolved configuration and stop (nothing is trained or read)", store_true) = False):
     "Run a comparison grid (pretrain + evaluate each entry for each seed) and print its table."
     matplotlib.use('Agg')
     if preset is not None and preset not in PRESETS: die(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    given = dict(grid=grid, arch=arch, size=size, bs=bs, epochs=epochs, pretrained=pretrained or None)
+    given = dict(grid=grid, arch=arch, size=size, bs=bs, epochs=epochs, pretrained=weights or pretrained or None,
+                 ssl_holdout=ssl_holdout, crop_from=crop_from)
     s = {**RUN_DEFAULTS, 'grid': 'system1', **PRESETS.get(preset, {}), **{k: v for k, v in given.items() if v is not None}}
     grid, arch, pretrained, size, bs, epochs = (s[k] for k in ('grid', 'arch', 'pretrained', 'size', 'bs', 'epochs'))
     if grid not in GRIDS: die(f"unknown grid {grid!r}; choose from {', '.join(GRIDS)}")
@@ -241,14 +320,17 @@ def fgssl_compare(grid: Param(f"which comparison: {', '.join(GRIDS)} (default: s
     if bs < 2: die(f"--bs must be at least 2, got {bs}")
     tag = '' if (data, arch, pretrained) == ('default', 'resnet18', False) else f"_{Path(str(data)).name}_{arch}{'_imagenet' if pretrained else ''}"
     out = Path(out or f'runs/compare_{grid}{tag}')
-    print(f"grid {grid}: {arch}{' from ImageNet' if pretrained else ' from scratch'}, {size}px, batch {bs}, {epochs} epochs, "
-          f"seeds {list(seeds)} -> {out}", flush=True)
+    run_kw = {k: s[k] for k in RUN_KEYS if k in s}
+    print(f"grid {grid}: {arch}{' from ImageNet' if pretrained else ' from scratch'}"
+          f"{f' ({pretrained} weights)' if isinstance(pretrained, str) else ''}, {size}px, batch {bs}, {epochs} epochs"
+          f"{''.join(f', {k} {v}' for k, v in run_kw.items())}, seeds {list(seeds)} -> {out}", flush=True)
+    entries = apply_methods(GRIDS[grid], s.get('methods'))
     from fgssl_nb.runs import atomic_write_text
-    try: df = run_grid(grid, data, tuple(seeds), out, epochs, size, bs, precision, only, arch=arch, pretrained=pretrained,
-                       skip_bad=skip_bad)
+    try: df = run_grid(entries, data, tuple(seeds), out, epochs, size, bs, precision, only, arch=arch, pretrained=pretrained,
+                       skip_bad=skip_bad, run_kw=run_kw, device=device, dry_run=dry_run)
     except user_errors() as e: die(str(e))
     from fgssl_nb.distributed import is_main
-    if not is_main(): return  # rank 0 writes the table and the figure
+    if dry_run or not is_main(): return  # rank 0 writes the table and the figure
     f = out / 'results.csv'
     if f.exists() and f.stat().st_size:  # the table covers every run in the folder, in the grid's order
         df, order = pd.read_csv(f), {resolve_entry(e, pretrained)['name']: i for i, e in enumerate(GRIDS[grid])}

@@ -569,14 +569,16 @@ def _dls(items, size, bs, n_valid, ds, labels, seed, num_workers, device, verify
 
 def ssl_dls(ds: FGDataset, size: int = 64, bs: int = 64, valid_pct: float = 0.1, seed: int = 0,
             num_workers: int | None = None, device=None, verify: str | None = 'header', resize: str = 'crop',
-            cache: bool | str = 'auto', **kwargs):
-    "Unlabelled DataLoaders over the train split + unlabelled images (labels ignored), `valid_pct` held out; `cache`: see `labeled_dls`."
+            cache: bool | str = 'auto', source: int | None = None, **kwargs):
+    """Unlabelled DataLoaders over the train split + unlabelled images (labels ignored), `valid_pct` held out; `cache`: see `labeled_dls`.
+    `source`: the side (px, >= `size`) the images are decoded and cached at, for views that crop from more pixels than they output."""
     if not 0 <= valid_pct < 1: raise ValueError(f"valid_pct must be in [0, 1), got {valid_pct}")
+    if source is not None and source < size: raise ValueError(f"source ({source} px) must be at least size ({size} px)")
     items = _refs(ds, ds.train_idxs, False) + [ImageRef(p) for p in ds.unlabeled]
     if not items: raise ValueError(f"{ds.root}: no train or unlabelled images to pretrain on")
     n_train = len(items) - int(round(valid_pct * len(items)))
     if n_train < bs: raise ValueError(f"{ds.root}: the pretext pool has {n_train} training images, fewer than one batch of {bs}; lower --bs")
-    return _dls(items, size, bs, int(round(valid_pct * len(items))), ds, None, seed, num_workers, device, verify, resize, cache, **kwargs)
+    return _dls(items, source or size, bs, int(round(valid_pct * len(items))), ds, None, seed, num_workers, device, verify, resize, cache, **kwargs)
 
 def labeled_dls(ds: FGDataset, size: int = 64, bs: int = 64, valid='test', seed: int = 0,
                 num_workers: int | None = None, device=None, verify: str | None = 'header', resize: str = 'crop',

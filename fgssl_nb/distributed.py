@@ -16,10 +16,10 @@ with warnings.catch_warnings():  # accelerate (under fastai.distributed) adds a 
     from fastai.distributed import DistributedDL, DistributedTrainer
 
 # %% auto #0
-__all__ = ['DIST_TIMEOUT', 'world_size', 'rank', 'is_main', 'barrier', 'init_distributed', 'PeerFailure', 'peer_failure',
-           'gather_with_grad', 'gather_nograd', 'all_reduce_sum', 'all_reduce_mean', 'batch_moments', 'rank_synced',
-           'rank_synced_buffers', 'unwrap', 'FgsslDistributedDL', 'FgsslDistributedTrainer', 'bn_note', 'distribute',
-           'rank0_first', 'solo']
+__all__ = ['DIST_TIMEOUT', 'world_size', 'rank', 'launched_rank', 'is_main', 'barrier', 'init_distributed', 'PeerFailure',
+           'peer_failure', 'gather_with_grad', 'gather_nograd', 'all_reduce_sum', 'all_reduce_mean', 'batch_moments',
+           'rank_synced', 'rank_synced_buffers', 'unwrap', 'FgsslDistributedDL', 'FgsslDistributedTrainer', 'bn_note',
+           'distribute', 'rank0_first', 'solo']
 
 # %% ../nbs/03e_distributed.ipynb #5d3514dc
 DIST_TIMEOUT = float(os.environ.get('FGSSL_DIST_TIMEOUT', 600))
@@ -33,6 +33,10 @@ def world_size() -> int:
 def rank() -> int:
     "This process's rank (0 without a launcher): rank 0 writes the run folder."
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+def launched_rank() -> int:
+    "The rank a launcher (torchrun) gave this process in the environment, before any process group exists (0 without one)."
+    return int(os.environ.get('RANK', 0))
 
 def is_main() -> bool:
     "True in the one process that writes files and prints (rank 0)."
@@ -54,6 +58,10 @@ def init_distributed(timeout: float | None = None) -> int:
     if int(os.environ.get('WORLD_SIZE', 1)) <= 1: return world_size()
     if dist.is_initialized(): return world_size()
     cuda = torch.cuda.is_available()
+    n_local = int(os.environ.get('LOCAL_WORLD_SIZE', os.environ['WORLD_SIZE']))
+    if cuda and torch.cuda.device_count() < n_local:  # NCCL needs a GPU per process: say so rather than fail inside it
+        raise ValueError(f"{n_local} processes on this node but {torch.cuda.device_count()} CUDA GPU(s): launch at most one process "
+                         "per GPU (torchrun --nproc_per_node), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on the CPU with gloo")
     if cuda: torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
     else: os.environ.setdefault('ACCELERATE_USE_CPU', '1')  # or accelerate would silently train undistributed
     dist.init_process_group('nccl' if cuda else 'gloo', timeout=datetime.timedelta(seconds=timeout or DIST_TIMEOUT))
@@ -148,6 +156,9 @@ class FgsslDistributedDL(DistributedDL):
         return t.cpu().tolist()
     @property
     def rng(self): return self.dl.rng  # the random state checkpoints save is that of the wrapped DataLoader
+    def get_idxs(self):  # an empty loader (no hold-out for a validation loss: --ssl_holdout 0) has no indices to share out
+        if len(self.dl.dataset) == 0: self.n = self.n_padded = 0; return []
+        return super().get_idxs()
 
 # %% ../nbs/03e_distributed.ipynb #4951706a
 class FgsslDistributedTrainer(DistributedTrainer):

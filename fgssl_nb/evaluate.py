@@ -66,14 +66,17 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, t in modes: m.training = t
 
-def extract_features(encoder: nn.Module, dl, device=None, norm: Callable | None = normalize
+def extract_features(encoder: nn.Module, dl, device=None, norm: Callable | None = normalize, precision: str = 'fp32'
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    "Features `(N, D)` float32 and labels `(N,)` int64 (-1 when the loader has none), on the CPU, in `dl` order; `device`: where to run (the encoder is moved there)."
+    """Features `(N, D)` float32 and labels `(N,)` int64 (-1 when the loader has none), on the CPU, in `dl` order; `device`: where to
+    run (the encoder is moved there); `precision`: 'fp32', or 'bf16'/'fp16' autocast for the forward pass (features returned in float32)."""
+    if precision not in ('fp32', 'bf16', 'fp16'): raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     dl, n = _ordered(dl)
     if device is not None: encoder.to(device)
     dev = _device_of(encoder, device)
     feats, labels = [], []
-    with eval_mode(encoder), torch.no_grad():
+    amp = dict(device_type=dev.type, dtype=torch.bfloat16 if precision == 'bf16' else torch.float16, enabled=precision != 'fp32')
+    with eval_mode(encoder), torch.no_grad(), torch.autocast(**amp):
         for b in dl:
             x, y = (b[0], b[1] if len(b) > 1 else None) if isinstance(b, (tuple, list)) else (b, None)
             x = _plain(x).to(dev)
@@ -378,14 +381,15 @@ def evaluate_features(train_f: torch.Tensor | None, train_y: torch.Tensor | None
 def evaluate_encoder(encoder: nn.Module, ds: FGDataset | DataLoaders, size: int = 64, bs: int = 64,
                      protocols: Sequence[str] = ('linear', 'knn', 'retrieval'), num_workers: int | None = None,
                      device=None, k: int = 20, temperature: float = 0.07, wd: float | None = None,
-                     finetune_kwargs: dict | None = None, return_features: bool = False) -> dict | tuple[dict, dict]:
-    "Evaluate `encoder` on the train/test split of `ds` (an `FGDataset`, or labelled `DataLoaders` whose valid = test); features extracted once."
+                     finetune_kwargs: dict | None = None, return_features: bool = False, precision: str = 'fp32') -> dict | tuple[dict, dict]:
+    """Evaluate `encoder` on the train/test split of `ds` (an `FGDataset`, or labelled `DataLoaders` whose valid = test); features
+    extracted once, on `device` in `precision` (the probes always in float32)."""
     _check_protocols(protocols)
     dls = ds if isinstance(ds, DataLoaders) else labeled_dls(ds, size=size, bs=bs, valid='test', num_workers=num_workers,
                                                              **({} if device is None else dict(device=device)))
     feats = {}
-    if {'linear', 'knn', 'retrieval'} & set(protocols): feats['test'] = extract_features(encoder, eval_dl(dls, 'valid'), device)
-    if {'linear', 'knn'} & set(protocols): feats['train'] = extract_features(encoder, eval_dl(dls, 'train'), device)
+    if {'linear', 'knn', 'retrieval'} & set(protocols): feats['test'] = extract_features(encoder, eval_dl(dls, 'valid'), device, precision=precision)
+    if {'linear', 'knn'} & set(protocols): feats['train'] = extract_features(encoder, eval_dl(dls, 'train'), device, precision=precision)
     frozen = [p for p in protocols if p != 'finetune']
     out = evaluate_features(*feats.get('train', (None, None)), *feats['test'], protocols=frozen, k=k,
                             temperature=temperature, wd=wd) if frozen else {}

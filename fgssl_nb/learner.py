@@ -22,7 +22,8 @@ from .registry import get_method, is_trainer, method_options
 from .distributed import init_distributed, distribute, world_size, is_main, unwrap, solo, barrier, bn_note, peer_failure
 
 # %% auto #0
-__all__ = ['SSLMethod', 'EmbeddingStd', 'KNNMonitor', 'NaNGuard', 'build_learner', 'ssl_learner', 'pretrain']
+__all__ = ['SSLMethod', 'EmbeddingStd', 'KNNMonitor', 'NaNGuard', 'GroupLRMult', 'FreezeEncoderBN', 'build_learner',
+           'adapt_callbacks', 'ssl_learner', 'pretrain']
 
 # %% ../nbs/03_learner.ipynb #d7a41021
 def _takes(params, names) -> bool:
@@ -230,6 +231,34 @@ class NaNGuard(TerminateOnNaNCallback):
             get_run_state(self.learn).nan_at = (self.epoch, self.iter)
             raise CancelFitException
 
+# %% ../nbs/03_learner.ipynb #6122ab14
+class GroupLRMult(Callback):
+    """After the one-cycle scheduler set the batch's learning rate, scale the first parameter group's (the encoder's)
+    by `mult`; 0 for the first `hold` epochs (only the other groups train)."""
+    order, run_valid = 61, False  # fastai's ParamScheduler is 60
+    def __init__(self, mult: float = 1.0, hold: int = 0):
+        if mult < 0: raise ValueError(f"encoder_lr_mult must be >= 0, got {mult}")
+        if hold < 0: raise ValueError(f"encoder_hold must be >= 0 epochs, got {hold}")
+        self.mult, self.hold = mult, int(hold)
+    def before_batch(self):
+        m = 0. if self.epoch < self.hold else self.mult
+        if m == 1: return
+        lrs = [h['lr'] for h in self.opt.hypers]
+        self.opt.set_hyper('lr', [lrs[-1] * m] + lrs[1:])
+
+def _bn_layers(m: nn.Module) -> list:
+    return [b for b in m.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)]
+
+class FreezeEncoderBN(Callback):
+    "Keep the encoder's (and its momentum copy's) BatchNorm layers in eval mode in every training batch: the running statistics stay as they started."
+    order, run_valid = -9, False  # after fastai's TrainEvalCallback put the model in train mode
+    def before_fit(self):
+        m = unwrap(self.learn.model)
+        encs = [m.encoder] + ([m.target[0]] if getattr(m, 'target', None) is not None else [])
+        self.bns = [b for e in encs for b in _bn_layers(e)]
+    def before_batch(self):  # each batch: a helper that ran `.train()` on the encoder (a context manager) is undone
+        for b in self.bns: b.eval()
+
 # %% ../nbs/03_learner.ipynb #c63677d3
 def build_learner(dls, model: nn.Module, loss_func, run: RunState, cbs: list = (), opt_func=fast_adam,
                   splitter=trainable_params, wd: float | None = None, moms: tuple | None = None, metrics=None,
@@ -251,21 +280,28 @@ def build_learner(dls, model: nn.Module, loss_func, run: RunState, cbs: list = (
     if moms is not None: learn.moms = moms  # fastai's one-cycle reads `learn.moms`
     return distribute(learn, refuse_ddp)
 
+def adapt_callbacks(encoder_lr_mult: float = 1.0, encoder_hold: int = 0, freeze_bn: bool = False) -> list:
+    "The callbacks that make the encoder adapt slowly (none with the defaults)."
+    cbs = [GroupLRMult(encoder_lr_mult, encoder_hold)] if (encoder_lr_mult != 1 or encoder_hold) else []
+    return cbs + ([FreezeEncoderBN()] if freeze_bn else [])
+
 def ssl_learner(dls, method: str = 'simclr', arch: str = 'resnet18', pretrained: bool = False, size: int | None = None,
                 views: str | None = None, local_views: int = 0, local_size: int | None = None, precision: str = 'auto',
                 channels_last: bool = True, knn_dls=None, run_dir=None, opt_func=None, wd: float | None = None,
-                **options) -> Learner:
-    "A fastai `Learner` pretraining `arch` with SSL `method` on the (unlabelled) `dls`; `options`: the method's own."
+                encoder_lr_mult: float = 1.0, encoder_hold: int = 0, freeze_bn: bool = False, **options) -> Learner:
+    """A fastai `Learner` pretraining `arch` with SSL `method` on the (unlabelled) `dls`; `options`: the method's own.
+    `encoder_lr_mult`, `encoder_hold`, `freeze_bn`: how the encoder adapts (`GroupLRMult`, `FreezeEncoderBN`; for an ImageNet start)."""
     cls = get_method(method)
     if is_trainer(method): raise ValueError(f"{method!r} has its own trainer: use fgssl_nb.cli.pretrain_run or fgssl_nb.registry.get_method({method!r})")
     bad = set(options) - method_options(cls)
     if bad: raise ValueError(f"{method} has no option {', '.join(sorted(bad))}; its options: {', '.join(sorted(method_options(cls)))}")
     size = size or dls.one_batch()[0].shape[-1]
+    if 'decoder_size' in cls.model_args: options.setdefault('decoder_size', size)  # the views' size, not the (maybe larger) source images'
     encoder = create_encoder(arch, pretrained=pretrained)
     model = cls.make_model(encoder, dls, **{k: v for k, v in options.items() if k in cls.model_args})
     cb = cls(cls.default_views(size, views, local_views, local_size), **{k: v for k, v in options.items() if k not in cls.model_args})
     learn = build_learner(dls, model, cb.loss, RunState(method=method, default_lr=cls.lr, method_cb=cb),
-                          cbs=[cb, *cb.extra_callbacks()], opt_func=opt_func or cls.opt_func, splitter=ssl_splitter,
+                          cbs=[cb, *cb.extra_callbacks(), *adapt_callbacks(encoder_lr_mult, encoder_hold, freeze_bn)], opt_func=opt_func or cls.opt_func, splitter=ssl_splitter,
                           wd=cls.wd if wd is None else wd, moms=cls.moms, metrics=[EmbeddingStd()], precision=precision,
                           channels_last=channels_last, run_dir=run_dir)
     if knn_dls is not None: learn.metrics = [*learn.metrics, ValueMetric(KNNMonitor(weakref.ref(learn), knn_dls), 'knn_top1')]

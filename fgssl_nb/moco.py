@@ -13,7 +13,7 @@ from .models import SSLModel, mlp, Encoder
 from .distributed import gather_nograd, rank_synced, world_size
 
 # %% auto #0
-__all__ = ['moco_infonce', 'KeyQueue', 'MoCo']
+__all__ = ['moco_infonce', 'KeyQueue', 'queue_length', 'MoCo']
 
 # %% ../nbs/11_moco.ipynb #07a30905
 def moco_infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
@@ -39,6 +39,18 @@ class KeyQueue(nn.Module):
         self.ptr.add_(n).remainder_(size)  # stays on the device: no sync
 
 # %% ../nbs/11_moco.ipynb #65f5298e
+def queue_length(asked: int | None, dls=None) -> int:
+    """The number of keys in MoCo's queue. `asked=None`: a quarter of the pretext pool in whole global batches (the
+    small-data default, see above); a number: that many, shortened (whole batches, one printed line) only when the pool is smaller."""
+    if dls is None: return 65536 if asked is None else int(asked)
+    bs, n = dls.train.bs * world_size(), len(dls.train.dataset)  # the global batch: every process pushes all keys
+    if asked is None: return max(bs, (n // 4 // bs) * bs)
+    if asked < 1: raise ValueError(f"queue_size must be a positive number of keys, got {asked}")
+    if asked <= n: return int(asked)
+    short = max(bs, (n // bs) * bs)
+    print(f"MoCo queue: {asked} keys asked for, but the pretext pool holds {n} images: shortened to {short}")
+    return short
+
 @register_method
 class MoCo(SSLMethod):
     "MoCo v2: query encoder + momentum key encoder, InfoNCE against a queue of negatives."
@@ -49,12 +61,9 @@ class MoCo(SSLMethod):
         super().__init__(pipelines, **kwargs)
         self.temperature, self.momentum, self.symmetric = temperature, momentum, symmetric
     @classmethod
-    def make_model(cls, encoder: Encoder, dls=None, proj_hidden: int = 2048, proj_dim: int = 256, queue_size: int = 65536) -> SSLModel:
+    def make_model(cls, encoder: Encoder, dls=None, proj_hidden: int = 2048, proj_dim: int = 256, queue_size: int | None = None) -> SSLModel:
         m = SSLModel(encoder, mlp(encoder.num_features, proj_hidden, proj_dim), momentum=True)
-        if dls is not None:  # see the notes above: never longer than the data (whole batches)
-            bs, n = dls.train.bs * world_size(), len(dls.train.dataset)  # the global batch: every process pushes all keys
-            queue_size = min(queue_size, max(bs, (n // 4 // bs) * bs))
-        m.queue = rank_synced(KeyQueue(proj_dim, queue_size), 'keys', 'ptr')  # identical on all processes, not DDP-broadcast
+        m.queue = rank_synced(KeyQueue(proj_dim, queue_length(queue_size, dls)), 'keys', 'ptr')  # identical on all processes, not DDP-broadcast
         return m
     def before_batch(self):
         super().before_batch()

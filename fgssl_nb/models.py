@@ -9,8 +9,9 @@ import torch, torch.nn as nn, torch.nn.functional as F
 from .data import IMAGENET_MEAN, IMAGENET_STD
 
 # %% auto #0
-__all__ = ['TORCHVISION_ARCHS', 'ENCODERS', 'Encoder', 'WeightsUnavailable', 'TFInput', 'available_archs', 'register_encoder',
-           'create_encoder', 'mlp', 'momentum_copy', 'ema_update', 'cosine_momentum', 'SSLModel', 'ssl_splitter']
+__all__ = ['TORCHVISION_ARCHS', 'WEIGHT_VERSIONS', 'ENCODERS', 'Encoder', 'WeightsUnavailable', 'torchvision_weights', 'TFInput',
+           'available_archs', 'register_encoder', 'create_encoder', 'mlp', 'momentum_copy', 'ema_update',
+           'cosine_momentum', 'SSLModel', 'ssl_splitter']
 
 # %% ../nbs/02_models.ipynb #3439e050
 class Encoder(nn.Module):
@@ -30,11 +31,29 @@ TORCHVISION_ARCHS = ('resnet18', 'resnet34', 'resnet50', 'resnet101')
 class WeightsUnavailable(RuntimeError):
     "Pretrained weights were asked for but cannot be loaded here."
 
-def _torchvision_body(arch: str, pretrained: bool) -> tuple[nn.Module, int]:
+WEIGHT_VERSIONS = ('V1', 'V2')  # torchvision's IMAGENET1K_V1 (the papers' ResNets) and IMAGENET1K_V2 (newer training recipe)
+
+def torchvision_weights(arch: str, version: str | None = None) -> str:
+    "The torchvision weights name of `arch` for `version` ('V1', 'V2'; None: torchvision's DEFAULT, the best it has)."
+    import torchvision
+    if version is None: return 'DEFAULT'
+    if arch not in TORCHVISION_ARCHS:
+        raise ValueError(f"--weights {version}: only the torchvision encoders ({', '.join(TORCHVISION_ARCHS)}) come in weight versions; "
+                         f"{arch} has one set of ImageNet weights (use --pretrained alone)")
+    v = str(version).upper().removeprefix('IMAGENET1K_')
+    if v not in WEIGHT_VERSIONS: raise ValueError(f"--weights must be V1 or V2, got {version!r}")
+    enum = torchvision.models.get_model_weights(arch)
+    have = [w.name for w in enum if w.name.startswith('IMAGENET1K_')]
+    if f'IMAGENET1K_{v}' not in have:
+        raise ValueError(f"--weights {v}: torchvision's {arch} has {', '.join(h.removeprefix('IMAGENET1K_') for h in have)} only")
+    return f'IMAGENET1K_{v}'
+
+def _torchvision_body(arch: str, pretrained: bool, weights: str | None = None) -> tuple[nn.Module, int]:
     import torchvision
     from fastai.vision.learner import create_body
-    weights = 'DEFAULT' if pretrained else None
-    try: model = getattr(torchvision.models, arch)(weights=weights)
+    from fgssl_nb.distributed import rank0_first
+    weights = torchvision_weights(arch, weights) if pretrained else None
+    try: model = rank0_first(getattr(torchvision.models, arch), weights=weights)  # several processes: one download, then the cache
     except Exception as e:  # URLError, OSError, ... : the download failed
         raise WeightsUnavailable(
             f"ImageNet weights for {arch} could not be downloaded ({type(e).__name__}: {e}). Download them where there "
@@ -103,15 +122,18 @@ def _load_encoder_modules():
         except ModuleNotFoundError as e:
             if e.name != f'fgssl_nb.{m}': raise
 
-def create_encoder(arch: str = 'resnet18', pretrained: bool = False, **arch_kwargs) -> nn.Module:
-    "An `Encoder` for `arch` (torchvision ResNet, 'efficientnet_lite0', a timm name, or a registered encoder), ImageNet weights if `pretrained`."
+def create_encoder(arch: str = 'resnet18', pretrained: bool | str = False, weights: str | None = None, **arch_kwargs) -> nn.Module:
+    """An `Encoder` for `arch` (torchvision ResNet, 'efficientnet_lite0', a timm name, or a registered encoder), ImageNet weights if
+    `pretrained`. `weights` (or `pretrained='V1'`/`'V2'`): which ImageNet weights of a torchvision encoder (default: torchvision's DEFAULT)."""
+    if isinstance(pretrained, str): weights, pretrained = pretrained, True  # a version names the weights: the trainers pass it as `pretrained`
+    if weights is not None: torchvision_weights(arch, weights); pretrained = True  # checked before anything is built
     if arch not in TORCHVISION_ARCHS and arch != 'efficientnet_lite0' and not arch.startswith('timm:'):
         _load_encoder_modules()
         import fgssl_nb.models as _lib
         ENCODERS.update(_lib.ENCODERS)  # a notebook session has its own registry too
         if arch in ENCODERS: return ENCODERS[arch](pretrained=pretrained, **arch_kwargs)
     if arch_kwargs: raise ValueError(f"{arch} takes no extra arguments, got {sorted(arch_kwargs)}")
-    if arch in TORCHVISION_ARCHS: body, nf = _torchvision_body(arch, pretrained)
+    if arch in TORCHVISION_ARCHS: body, nf = _torchvision_body(arch, pretrained, weights)
     elif arch == 'efficientnet_lite0': body, nf = _LiteBody(_lite_model(pretrained)), 1280
     elif arch.startswith('timm:') or (_has('timm') and arch in __import__('timm').list_models()):
         if not _has('timm'): raise ValueError(f"{arch} needs timm: `pip install timm`")

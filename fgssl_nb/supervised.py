@@ -19,14 +19,14 @@ from .augment import RandResizedCrop, RandHFlip, ViewPipeline, tile_shuffle, ran
 from .models import Encoder, create_encoder
 from .evaluate import resnet_stages, make_head, eval_mode
 from .registry import register_trainer
-from .learner import pretrain, build_learner
+from .learner import pretrain, build_learner, GroupLRMult
 from .runs import RunState
 from .optim import fast_adam, fast_sgd
 
 # %% auto #0
-__all__ = ['PMG_GRIDS', 'PMG_WEIGHTS', 'LabeledAugment', 'SupervisedModel', 'encoder_head_splitter', 'GroupLRMult',
-           'supervised_learner', 'train_supervised', 'conv_bn_relu', 'pmg_block', 'pmg_classifier', 'PMGModel',
-           'pmg_loss', 'pmg_predict', 'pmg_top1', 'concat_top1', 'PMGCallback', 'pmg_learner', 'train_pmg']
+__all__ = ['PMG_GRIDS', 'PMG_WEIGHTS', 'LabeledAugment', 'SupervisedModel', 'encoder_head_splitter', 'supervised_learner',
+           'train_supervised', 'conv_bn_relu', 'pmg_block', 'pmg_classifier', 'PMGModel', 'pmg_loss', 'pmg_predict',
+           'pmg_top1', 'concat_top1', 'PMGCallback', 'pmg_learner', 'train_pmg']
 
 # %% ../nbs/16_supervised.ipynb #1d9256aa
 class LabeledAugment(Callback):
@@ -59,15 +59,6 @@ def encoder_head_splitter(model: nn.Module) -> list:
     "Parameter groups: the model's `.encoder`, then everything else (the new layers)."
     enc = {id(p) for p in model.encoder.parameters()}
     return [list(model.encoder.parameters()), [p for p in model.parameters() if id(p) not in enc]]
-
-class GroupLRMult(Callback):
-    "After the one-cycle scheduler set the batch's learning rate, scale the first group's (the encoder's) by `mult`."
-    order, run_valid = 61, False  # fastai's ParamScheduler is 60
-    def __init__(self, mult: float = 1.0): self.mult = mult
-    def before_batch(self):
-        if self.mult == 1: return
-        lrs = [h['lr'] for h in self.opt.hypers]
-        self.opt.set_hyper('lr', [lrs[-1] * self.mult] + lrs[1:])
 
 # %% ../nbs/16_supervised.ipynb #4538b3b4
 def supervised_learner(dls, arch: str = 'resnet18', pretrained: bool = False, size: int | None = None,

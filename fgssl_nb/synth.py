@@ -15,6 +15,7 @@ from .models import Encoder
 from .simclr import nt_xent
 from .moco import MoCo
 from .simsiam import SimSiam
+from .evaluate import eval_mode  # restores each sub-module's own mode: a frozen BatchNorm stays frozen
 from .distributed import batch_moments, all_reduce_mean, rank_synced, unwrap, is_main
 
 # %% auto #0
@@ -209,13 +210,6 @@ def frozen_bn_stats(module: nn.Module):
             m.momentum = mom
             if nbt is not None: m.num_batches_tracked.copy_(nbt)
 
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module):
-    "`module` in eval mode inside, its previous mode restored after."
-    was = module.training; module.eval()
-    try: yield module
-    finally: module.train(was)
-
 # %% ../nbs/20_synth_pairs.ipynb #7aa3456e
 @contextlib.contextmanager
 def _params_frozen(module: nn.Module):
@@ -228,7 +222,7 @@ def _params_frozen(module: nn.Module):
 
 def perceptual_loss(encoder: nn.Module, rec: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     "1 - cos(encoder(rec), h), the mean over the batch: the gradient reaches `rec` (the decoder), not the encoder's weights (eval mode)."
-    with _params_frozen(encoder), _eval_mode(encoder): z = encoder(rec)
+    with _params_frozen(encoder), eval_mode(encoder): z = encoder(rec)
     return (1 - F.cosine_similarity(z.float(), h.detach().float(), dim=1)).mean()
 
 # %% ../nbs/20_synth_pairs.ipynb #84d26574
@@ -243,7 +237,7 @@ def decoder_warmup(encoder: nn.Module, decoder: nn.Module, images: torch.Tensor,
     amp = dict(device_type=dev.type, dtype=torch.bfloat16 if precision == 'bf16' else torch.float16, enabled=precision in ('bf16', 'fp16'))
     xs = torch.cat([images, images.flip(-1)]) if flip else images
     unit = 255. if xs.dtype == torch.uint8 else 1.
-    with torch.no_grad(), _eval_mode(encoder), torch.autocast(**amp):
+    with torch.no_grad(), eval_mode(encoder), torch.autocast(**amp):
         hs = torch.cat([encoder(normalize(xs[i:i + 256].to(dev).float() / unit)).float() for i in range(0, len(xs), 256)])
     opt = torch.optim.Adam(decoder.parameters(), lr=lr)
     g, n, losses = torch.Generator().manual_seed(seed), len(xs), []
@@ -335,6 +329,8 @@ class SynthPairs(Callback):
         "`decoder_warmup` epochs of `decoder_warmup` on the pretext images (once per run; a resumed run has done it)."
         import time
         t0, imgs = time.perf_counter(), _pool_images(self.dls.train)
+        if imgs.shape[-1] != m.decoder.size:  # images decoded larger than the views (crops from a larger source): the decoder's size
+            imgs = F.interpolate(imgs.float(), size=(m.decoder.size,) * 2, mode='bilinear', antialias=True).round().clamp(0, 255).to(torch.uint8)
         prec = getattr(getattr(self.learn, 'run_state', None), 'precision', 'fp32')
         self.warmup_losses = decoder_warmup(m.encoder, m.decoder, imgs, self.decoder_warmup, lr=self.warmup_lr,
                                             perceptual=self.perceptual, precision=prec)
@@ -393,7 +389,7 @@ class SynthPairs(Callback):
             ht = perturb(src, dims, self.noise, self.noise_scale, std=noise_std(var, self.noise_ref))
             pair = torch.cat([src, ht])
             if self.detach_decoder:  # eval mode: running statistics, g is a per-sample function
-                with torch.no_grad(), _eval_mode(m.decoder): xp = m.decoder(pair, size=x.shape[-2:])
+                with torch.no_grad(), eval_mode(m.decoder): xp = m.decoder(pair, size=x.shape[-2:])
             else:                    # train mode, h and h~ in one batch, the running statistics left alone
                 with frozen_bn_stats(m.decoder): xp = m.decoder(pair, size=x.shape[-2:])
             with frozen_bn_stats(m): z = m(xp)
@@ -503,7 +499,7 @@ def fidelity_data(encoder: nn.Module, ds, size: int = 64, bs: int = 64, num_work
     from fgssl_nb.evaluate import eval_dl, _device_of
     dls = labeled_dls(ds, size=size, bs=bs, num_workers=num_workers, device=_device_of(encoder))
     out, tot = {}, 0.
-    with _eval_mode(encoder):
+    with eval_mode(encoder):
         for split in ('train', 'valid'):
             fs, ys, xs = [], [], []
             for x, y in eval_dl(dls, split):
@@ -528,7 +524,7 @@ def pair_fidelity(encoder: nn.Module, decoder: FeatureDecoder, data: dict, dims:
     std = h_all.std(0, unbiased=False) if std is None else std.float().cpu()
     ht_all = perturb(h_all, dims.cpu(), noise, noise_scale, std=std, generator=torch.Generator().manual_seed(seed))
     f_g, f_gt, psnr, psnr_m, d_pair, gs = [], [], [], [], [], []
-    with _eval_mode(encoder), _eval_mode(decoder):
+    with eval_mode(encoder), eval_mode(decoder):
         for i in range(0, len(h_all), bs):
             x = data['test_x'][i:i + bs].to(dev).float() / 255
             g = denormalize(decoder(h_all[i:i + bs].to(dev), size=x.shape[-2:]).float()).clamp(0, 1)

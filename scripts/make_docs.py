@@ -19,6 +19,17 @@ ROOT = Path(__file__).resolve().parents[1]
 _re_heading = re.compile(r'^\s{0,3}#{1,6}\s+(.+?)\s*#*\s*$', re.M)
 _re_directive = re.compile(r'^\s*#\|\s*(.*?)\s*$')
 MATHJAX_URL = 'https://cdnjs.cloudflare.com/ajax/libs/mathjax/2.7.7/latest.js?config=TeX-AMS_CHTML-full,Safe'
+MATHJAX_CONFIG = '?config=TeX-AMS-MML_HTMLorMML-full,Safe'  # the configuration that package ships (HTML-CSS output)
+
+
+def local_mathjax(out: Path) -> Path | None:
+    "Copy MathJax 2.7 from the `jupyter-server-mathjax` package (a dev requirement) into `out/mathjax`: math renders offline. None without it."
+    try: import jupyter_server_mathjax
+    except ImportError: return None
+    src = Path(jupyter_server_mathjax.__file__).parent / 'static'
+    if not (src / 'MathJax.js').exists(): return None
+    shutil.copytree(src, out / 'mathjax', ignore=shutil.ignore_patterns('*.py', '__pycache__'))
+    return out / 'mathjax' / 'MathJax.js'
 
 
 def settings(root=ROOT) -> dict:
@@ -146,7 +157,7 @@ def _same(s): return s
 
 def _render(job):
     "Render one notebook (worker process): returns (output path, number of figures)."
-    nb_path, out_path, title, pages, site_title, description = job
+    nb_path, out_path, title, pages, site_title, description, mathjax = job
     import nbformat
     from jinja2 import DictLoader
     from nbconvert import HTMLExporter
@@ -160,7 +171,7 @@ def _render(job):
                                  exclude_input_prompt=True, exclude_output_prompt=True)
     ex = _exporter
     resources = {'metadata': {'name': title, 'path': str(Path(nb_path).parent)},
-                 'fgssl_css': CSS, 'fgssl_mathjax_url': MATHJAX_URL,
+                 'fgssl_css': CSS, 'fgssl_mathjax_url': mathjax,
                  'fgssl_nav': nav_html(pages, Path(out_path), site_title, description)}
     body, _ = ex.from_notebook_node(nb, resources=resources)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
@@ -191,9 +202,12 @@ def build_fallback(out: Path, root: Path = ROOT, jobs: int = 0, quiet: bool = Fa
         nb = nbformat.read(f, as_version=4)
         pages.append((out / f.relative_to(nbs).with_suffix('.html'), nb_title(nb, f.stem)))
     site_title, description = cfg.get('title', cfg.get('lib_name', 'docs')), cfg.get('description', '')
-    jobs_ = [(str(f), str(o), t, pages, site_title, description) for f, (o, t) in zip(files, pages)]
     _clear(out, root)
     out.mkdir(parents=True)
+    mj = local_mathjax(out)  # shipped with the site; the CDN only where the package is missing
+    if mj is None: print('note: jupyter-server-mathjax is not installed: the pages load MathJax from a CDN (math needs the network)')
+    mj_url = lambda o: MATHJAX_URL if mj is None else Path(os.path.relpath(mj, Path(o).parent)).as_posix() + MATHJAX_CONFIG
+    jobs_ = [(str(f), str(o), t, pages, site_title, description, mj_url(o)) for f, (o, t) in zip(files, pages)]
     # a worker costs ~2 s of imports; on a 2-core machine one process is as fast
     cpus = os.cpu_count() or 1
     jobs = jobs or (1 if cpus <= 2 else min(len(files), cpus // 2, 4))

@@ -6,7 +6,7 @@ Default: every notebook of nbs/ with all its cells, the `#| slow` ones included 
 comparison grids: about an hour and a half on 2 CPU cores; the grids reuse the run folders in runs/ when they are
 there). `--fast` skips the `#| slow` cells, keeping the outputs they already have; `--missing` runs only those
 `#| slow` cells that have no output yet (with every other cell, so that they find what they need). Cells marked `#| eval: false` never
-run. A failing cell stops that notebook (its file is left unchanged) and, without `--keep-going`, the script. After
+run, and `#| gpu` cells only where CUDA is (elsewhere they keep their outputs). A failing cell stops that notebook (its file is left unchanged) and, without `--keep-going`, the script. After
 each notebook, `nbdev_clean` strips metadata (the outputs stay). tests/test_notebooks.py checks that every cell that
 draws a figure has an image output."""
 import os, re, subprocess, sys, time
@@ -16,10 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SETUP = "%matplotlib inline\nimport matplotlib; matplotlib.rcParams['figure.dpi'] = 72"
 
 
-def _skip(cell, fast: bool = False, missing: bool = False) -> bool:
+def _skip(cell, fast: bool = False, missing: bool = False, cuda: bool = False) -> bool:
     flags = [l.replace(' ', '') for l in cell.source.splitlines() if l.startswith('#|')]
     slow = '#|slow' in flags
-    return '#|eval:false' in flags or (slow and (fast or (missing and bool(cell.get('outputs')))))
+    return ('#|eval:false' in flags or ('#|gpu' in flags and not cuda)
+            or (slow and (fast or (missing and bool(cell.get('outputs'))))))
 
 
 def run_notebook(path: Path, fast: bool = False, missing: bool = False) -> float:
@@ -31,8 +32,10 @@ def run_notebook(path: Path, fast: bool = False, missing: bool = False) -> float
     try:
         nb, sh = read_nb(path.name), CaptureShell(mpl_format='png')  # 'retina' (the default) doubles the bytes
         sh.run_cell(SETUP)
+        import torch
+        cuda = torch.cuda.is_available()
         for c in nb.cells:
-            if c.cell_type != 'code' or _skip(c, fast, missing): continue
+            if c.cell_type != 'code' or _skip(c, fast, missing, cuda): continue
             sh.cell(c)
             if sh.exc: raise RuntimeError(f"{path.name}, cell {c.get('id')} ({c.source.splitlines()[0][:60]!r}): {sh.exc}")
         write_nb(nb, path.name)
@@ -42,6 +45,9 @@ def run_notebook(path: Path, fast: bool = False, missing: bool = False) -> float
 
 
 if __name__ == '__main__':
+    if {'-h', '--help'} & set(sys.argv[1:]): print(__doc__); sys.exit(0)
+    unknown = [a for a in sys.argv[1:] if a.startswith('-') and a not in ('--fast', '--missing', '--keep-going')]
+    if unknown: sys.exit(f"run_notebooks: unknown option {unknown[0]}; see --help")
     args = [a for a in sys.argv[1:] if not a.startswith('--')]
     fast, missing, keep_going = '--fast' in sys.argv, '--missing' in sys.argv, '--keep-going' in sys.argv
     paths = [Path(a).resolve() for a in args] or sorted((ROOT / 'nbs').glob('*.ipynb'))

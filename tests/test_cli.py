@@ -57,7 +57,7 @@ def test_demo_corrupt_image_one_line(birds, tmp_path):
 
 def test_bench_unknown_benchmark_lists_the_real_ones():
     r = run('fgssl_bench', 'speed')
-    assert r.returncode != 0 and 'available: loader, methods, parts, eval, fp32, decoder' in r.stderr and 'Traceback' not in r.stderr
+    assert r.returncode != 0 and 'available: loader, methods, parts, eval, fp32, decoder, crop' in r.stderr and 'Traceback' not in r.stderr
 
 
 def test_bench_help_explains_options():

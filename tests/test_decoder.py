@@ -26,7 +26,7 @@ def synth_run(tiny, tmp_path_factory):
 
 def test_pretrain_writes_decoder_after_a_warmup(synth_run):
     out, r = synth_run
-    assert 'decoder warm-up: 2 epochs on cached features of 45 images' in r.stdout  # 50 pool images - 10 % held out
+    assert 'decoder warm-up: 2 epochs on cached features of 50 images' in r.stdout  # the whole pool of 50 (no hold-out by default)
     ck = torch.load(out / 'decoder.pth', map_location='cpu', weights_only=False)
     assert ck['config']['in_dim'] == 512 and ck['encoder_arch'] == 'resnet18'
     assert ck['pairs'] == dict(criterion='gradcam', n_dims=0.5, noise='gaussian', noise_scale=1.0, noise_ref='dim')
@@ -96,19 +96,21 @@ def test_decoder_survives_resume(birds, tmp_path):
 
 def test_imagenet_settings_reach_pretrain(tiny, tmp_path):
     "--pretrained fills in the ImageNet-start settings of a synth method (what is given on the command line wins); --help says both."
-    from fgssl_nb.cli import SYNTH_IMAGENET, SYNTH_SCRATCH, start_options
+    from fgssl_nb.cli import SYNTH_IMAGENET, SYNTH_SCRATCH, ADAPT_IMAGENET, start_options
     from fgssl_nb.synth import SynthPairs
     import inspect
     defaults = {k: p.default for k, p in inspect.signature(SynthPairs.__init__).parameters.items()}
     assert all(defaults[k] == v for k, v in SYNTH_SCRATCH.items())  # the scratch column of --help is the code's default
-    assert start_options('synth-moco', True, {'nu': 0.5}) == {**SYNTH_IMAGENET, 'nu': 0.5}
-    assert start_options('synth-moco', False, {'nu': 0.5}) == {'nu': 0.5} and start_options('moco', True, {}) == {}
+    assert start_options('synth-moco', True, {'nu': 0.5}) == {**ADAPT_IMAGENET, **SYNTH_IMAGENET, 'nu': 0.5}
+    assert start_options('synth-moco', False, {'nu': 0.5}) == {'nu': 0.5} and start_options('moco', False, {}) == {}
+    assert start_options('moco', True, {'freeze_bn': False}) == {**ADAPT_IMAGENET, 'freeze_bn': False}  # every SSL method adapts
+    assert start_options('supervised', True, {}) == {}  # the trainers keep their own settings
     r = run('fgssl_pretrain', '--method', 'synth-simsiam', '--data', tiny, '--out', tmp_path / 'r', '--size', 32, '--bs', 8,
             '--epochs', 1, '--no_knn', '--arch', 'efficientnet_lite0', '--pretrained', '--decoder_warmup', 1,
             '--kw', 'proj_dim=16', 'decoder_width=16')
     assert r.returncode == 0, r.stderr
     kw = json.loads((tmp_path / 'r' / 'config.json').read_text())['method_kwargs']
-    assert kw == {**SYNTH_IMAGENET, 'decoder_warmup': 1, 'proj_dim': 16, 'decoder_width': 16}
+    assert kw == {**ADAPT_IMAGENET, **SYNTH_IMAGENET, 'decoder_warmup': 1, 'proj_dim': 16, 'decoder_width': 16}
     assert 'decoder warm-up: 1 epochs' in r.stdout
     h = ' '.join(run('fgssl_pretrain', '--help').stdout.split())  # argparse wraps the lines
     assert f"{SYNTH_IMAGENET['nu']:g} with --pretrained" in h and f"{SYNTH_IMAGENET['decoder_warmup']} with" in h

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.skipif(not shutil.which('torchrun', path=str(BIN)), rea
 def _env():
     env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1', FGSSL_DIST_TIMEOUT='120')
     env.pop('WORLD_SIZE', None)
+    if torch.cuda.device_count() < 2: env['CUDA_VISIBLE_DEVICES'] = ''  # fewer GPUs than processes: gloo on the CPU, GPUs hidden
     return env
 
 

@@ -185,3 +185,16 @@ def test_pages_in_chromium(site, tmp_path):
     # the probe tells a broken figure from a loaded one
     broken = re.sub(r'src="data:image/png;base64,[^"]{8}', 'src="data:image/png;base64,AAAAAAAA', text, count=1)
     assert _probe(exe, tmp_path, page, broken) == (n_fig, n_fig - 1)
+
+
+def test_math_renders_offline(site, tmp_path):
+    "MathJax ships with the site (from the jupyter-server-mathjax package): the pages load it from the site's folder, no CDN, and it typesets."
+    assert (site / 'mathjax' / 'MathJax.js').exists()
+    page = site / '11_moco.html'
+    text = page.read_text()
+    assert 'cdnjs' not in text and 'mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full' in text
+    assert '$$' in text  # the display formula of InfoNCE, for MathJax to typeset
+    exe = _chromium()
+    if not exe: pytest.skip('no Chromium binary: the typesetting itself is not checked')
+    dom = _run_chromium(exe, tmp_path, '--virtual-time-budget=15000', '--dump-dom', page.as_uri())
+    assert dom.count('class="MathJax_Display"') >= 1 and dom.count('class="MathJax"') > 3, 'MathJax did not typeset the page'
