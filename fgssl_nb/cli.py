@@ -4,7 +4,7 @@
 
 # %% ../nbs/40_cli.ipynb #26596bdd
 from __future__ import annotations
-import json, os, sys, time
+import inspect, json, os, sys, time
 from pathlib import Path
 import numpy as np
 import matplotlib
@@ -124,14 +124,16 @@ def source_size(size: int, crop_from: float = CROP_FROM) -> int:
 
 def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18', pretrained: bool = False, size: int = 64,
                  bs: int = 64, epochs: int = 20, lr: float | None = None, seed: int = 0, out='runs/run', resume: bool = False,
-                 views: str | None = None, precision: str = 'auto', workers: int | None = None, knn: bool = True,
+                 views: str | None = None, precision: str = 'auto', workers: int | None = None, knn: bool | int = True,
                  progress: bool | None = None, skip_bad: bool = False, keep_optimizer: bool = True, log=None,
                  ssl_holdout: float = 0.0, crop_from: float = CROP_FROM, dry_run: bool = False, **method_kwargs):
     """Pretrain `method` on `data` into run folder `out` (see `fgssl_pretrain`); returns the Learner. The data are checked
     first (`check_for_run`): `skip_bad` leaves unreadable images out; `keep_optimizer=False` (SSL methods) drops the optimiser
     state from the final `checkpoint.pth`. `pretrained`: True, or 'V1'/'V2' (which ImageNet weights of a torchvision encoder).
     SSL methods: `ssl_holdout`, the fraction of the pretext pool held out for a validation loss (0: train on all of it);
-    `crop_from`, the side the views' random crops are cut from, as a multiple of `size`. `dry_run`: print the resolved
+    `crop_from`, the side the views' random crops are cut from, as a multiple of `size`. `knn`: the k-NN monitor on the
+    test split (`fgssl_nb.learner.knn_metrics`) after every epoch (True), every `knn`-th epoch and the last (an int), or never
+    (False, 0); the supervised trainer takes it too. `dry_run`: print the resolved
     configuration (`config.json` as it would be written) and return it, touching nothing."""
     from fastai.torch_core import set_seed
     from fgssl_nb.learner import ssl_learner, pretrain
@@ -140,6 +142,7 @@ def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18',
     from fgssl_nb.check import check_for_run
     from fgssl_nb.distributed import init_distributed, rank0_first, rank, is_main, world_size
     get_method(method)  # fail early on a typo
+    if int(knn) < 0: raise ValueError(f"--knn_every must be >= 0 (0: no k-NN monitor), got {knn}")
     if init_distributed() > 1 and not is_main(): sys.stdout = open(os.devnull, 'w')  # one console: rank 0's
     method_kwargs = renamed_options(method, method_kwargs)  # old option names (--kw k=3)
     from fgssl_nb.runs import check_trackers
@@ -156,6 +159,7 @@ def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18',
         keep_optimizer = cfg.get('keep_optimizer', keep_optimizer)
         log = log or cfg.get('log')
         ssl_holdout, crop_from = cfg.get('ssl_holdout', 0.1), cfg.get('crop_from', 1.0)  # a run from before these existed: what it had
+        knn = cfg.get('knn_every', knn)  # the monitor it started with (log.csv keeps its columns)
     method_kwargs = start_options(method, pretrained, method_kwargs)  # an ImageNet start: its own settings (config.json records them)
     if isinstance(pretrained, str):  # a weights version: checked before the data are read
         from fgssl_nb.models import torchvision_weights
@@ -165,7 +169,7 @@ def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18',
     cls = get_method(method)
     config = dict(method=method, data=str(data), arch=arch, pretrained=pretrained, size=size, bs=bs, seed=seed, views=views,
                   precision_asked=precision, workers=workers, method_kwargs=method_kwargs, skip_bad=skip_bad,
-                  keep_optimizer=keep_optimizer, log=[log] if isinstance(log, str) else list(log or []))
+                  keep_optimizer=keep_optimizer, log=[log] if isinstance(log, str) else list(log or []), knn_every=int(knn))
     if not is_trainer(method):
         config.update(ssl_holdout=ssl_holdout, crop_from=crop_from, source_size=source_size(size, crop_from))
         if lr is None:  # the method's default, quoted at batch REF_BS, scaled to this batch
@@ -185,14 +189,16 @@ def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18',
         if method_kwargs.get('local_views'): raise ValueError(f"{method} takes no local views (multi-crop); drop --local_views")
         print(f"training {method} ({arch}{', ImageNet init' if pretrained else ''}, {size}px, batch {bs}) for {epochs} epochs -> {out}")
         if not keep_optimizer: print(f"note: --drop_optimizer is for the SSL methods; {method}'s checkpoint.pth keeps its optimiser state")
-        return get_method(method)(ds, out, arch=arch, pretrained=pretrained, size=size, bs=bs, epochs=epochs, lr=lr, seed=seed,
+        trainer = get_method(method)
+        if knn and 'knn_every' in inspect.signature(trainer).parameters: method_kwargs = dict(method_kwargs, knn_every=int(knn))
+        return trainer(ds, out, arch=arch, pretrained=pretrained, size=size, bs=bs, epochs=epochs, lr=lr, seed=seed,
                                 resume=resume, precision=precision, workers=workers, progress=progress, config=config,
                                 views=views, **method_kwargs)
     dls = ssl_dls(ds, size=size, bs=bs, seed=seed, num_workers=workers, verify=None, valid_pct=ssl_holdout,  # the pre-flight decoded every image
                   source=source_size(size, crop_from))
     kdls = labeled_dls(ds, size=size, bs=bs, num_workers=workers, verify=None) if knn else None
     learn = ssl_learner(dls, method, arch=arch, pretrained=pretrained, size=size, views=views, precision=precision,
-                        knn_dls=kdls, run_dir=out, **method_kwargs)
+                        knn_dls=kdls, knn_every=int(knn) or 1, run_dir=out, **method_kwargs)
     config['n_pretext'] = len(dls.train.dataset)
     print(f"pretraining {method} ({arch}{', ImageNet init' if pretrained else ''}, {size}px crops from {source_size(size, crop_from)}px, batch {bs}, "
           f"lr {lr:.3g}, {learn.run_state.precision}) on {len(dls.train.dataset)} images"
@@ -239,7 +245,9 @@ def fgssl_pretrain(method: Param(f"SSL method: {', '.join(method_names('ssl'))};
                    views: Param("view recipe (default: the method's own): simclr, moco, simsiam, byol, hue (for classes that do not depend on colour), or a system-1 pair: gamma, dropout, regions, patchswap, dcl, jigsaw", str) = None,
                    precision: Param("auto (bf16 where the hardware is fast at it), fp32 (exact), bf16, fp16 (CUDA)", str) = 'auto',
                    workers: Param("DataLoader workers (default: min(4, cores))", int) = None,
-                   no_knn: Param("skip the per-epoch k-NN monitor", store_true) = False,
+                   knn_every: Param("the k-NN monitor (knn_top1 and feat_std in log.csv, on the test split) after every N-th epoch and the last; 0: none. "
+                                    "SSL methods and the supervised trainer (pmg and srgan have none); a resumed run keeps its own", int) = 1,
+                   no_knn: Param("no k-NN monitor (the same as --knn_every 0)", store_true) = False,
                    skip_bad: Param("leave unreadable images out of the run instead of stopping: listed in <out>/skipped.txt, counted in config.json and metrics.json", store_true) = False,
                    drop_optimizer: Param("SSL methods only: after the last epoch, drop the optimiser state from checkpoint.pth (a third of the size for Adam methods; the run cannot be extended then)", store_true) = False,
                    criterion: Param("synth-*: non-discriminative dims by variance, gradcam or both", str) = None,
@@ -263,8 +271,9 @@ def fgssl_pretrain(method: Param(f"SSL method: {', '.join(method_names('ssl'))};
                              + "; from scratch: encoder_lr_mult=1, freeze_bn=False)", str, nargs='*') = None):
     "Pretrain an encoder with a self-supervised method (or a baseline trainer); writes a run folder."
     _check_train_args(size, bs, epochs)
+    if knn_every < 0: die(f"--knn_every must be >= 0 (0: no k-NN monitor), got {knn_every}")
     try: pretrain_run(method, data, arch, weights or pretrained, size, bs, epochs, lr, seed, out, resume, views, precision, workers,
-                      not no_knn, skip_bad=skip_bad, keep_optimizer=not drop_optimizer, log=log, ssl_holdout=ssl_holdout,
+                      0 if no_knn else knn_every, skip_bad=skip_bad, keep_optimizer=not drop_optimizer, log=log, ssl_holdout=ssl_holdout,
                       crop_from=crop_from, dry_run=dry_run,
                       **_method_kwargs(criterion, alpha, nu, n_dims if n_dims is not None else k, kw, decoder_warmup), **({'local_views': local_views} if local_views else {}))
     except user_errors() as e: die(str(e))

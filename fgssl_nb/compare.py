@@ -50,6 +50,12 @@ GRIDS: dict[str, list[dict]] = {
             dict(name='simsiam', method='simsiam'),
             dict(name='synth-simsiam (variance)', method='synth-simsiam', kw=dict(criterion='variance')),
             dict(name='supervised', method='supervised', kw_pretrained=dict(encoder_lr_mult=0.1))],
+    # Learning curves from scratch: SimCLR, MoCo v2, SimSiam, BYOL, VICReg, DINO (their own views) and synth-moco, the random
+    # floor and the supervised encoder; run with the k-NN monitor on (`--preset curves`: ResNet-18, 64 px, 300 epochs, k-NN every 10)
+    'curves': [dict(name='random init', encoder='random'),
+               *[dict(name=m, method=m) for m in ('simclr', 'moco', 'simsiam', 'byol', 'vicreg', 'dino')],
+               dict(name='synth-moco (variance)', method='synth-moco', kw=dict(criterion='variance')),
+               dict(name='supervised', method='supervised')],
     # System 1 at the scale of its published code (arXiv 2107.13973; cassava leaves): each entry with its own size,
     # batch, learning rate and epochs where that code has them. Not for a CPU.
     'system1-paper': [
@@ -86,6 +92,8 @@ PRESETS = {
     'lcr-paper': dict(grid='lcr', arch='resnet50', pretrained='V1', size=224, bs=128, epochs=100, crop_from=1.5, ssl_holdout=0.0,
                       methods={'moco': PAPER_MOCO, 'synth-moco': PAPER_MOCO, 'simsiam': PAPER_SIMSIAM, 'synth-simsiam': PAPER_SIMSIAM}),
     # system 1 at the scale of its published code: the entries carry their own settings (grid system1-paper)
+    # learning curves from scratch (`fgssl_nb.curves`): 300 epochs at 64 px with the k-NN monitor every 10 epochs
+    'curves': dict(grid='curves', arch='resnet18', pretrained=False, size=64, bs=64, epochs=300, knn_every=10),
     'system1-paper': dict(grid='system1-paper', arch='resnet18', pretrained=False, size=512, bs=64, epochs=500, crop_from=1.0),
 }
 RUN_DEFAULTS = dict(arch='resnet18', pretrained=False, size=64, bs=64, epochs=10)
@@ -138,9 +146,10 @@ def _check_same_setting(run: Path, **want):
 
 def run_entry(entry: dict, data='default', seed: int = 0, out='runs/compare', epochs: int = 10, size: int = 64,
               bs: int = 64, precision: str = 'auto', protocols=('linear', 'knn', 'retrieval'), arch: str = 'resnet18',
-              pretrained: bool | str = False, skip_bad: bool = False, run_kw: dict | None = None, device: str | None = None) -> dict:
+              pretrained: bool | str = False, skip_bad: bool = False, run_kw: dict | None = None, device: str | None = None, knn: int = 0) -> dict:
     """Pretrain and evaluate one grid `entry` for one `seed` in `out/<slug>/seed<seed>`; returns its metrics row. `run_kw`:
-    `pretrain_run` settings of the SSL entries (`RUN_KEYS`); `device`: where the evaluation runs (default: CUDA when there is a GPU)."""
+    `pretrain_run` settings of the SSL entries (`RUN_KEYS`); `device`: where the evaluation runs (default: CUDA when there is a GPU); `knn`: the k-NN monitor in each
+    pretraining's `log.csv` every `knn` epochs and after the last (0: none; `fgssl_nb.curves` draws it)."""
     entry = resolve_entry(entry, entry.get('pretrained', pretrained))
     run = Path(out) / slug(entry['name']) / f'seed{seed}'
     _check_same_setting(run, **_expected(entry, arch, pretrained, size, bs, epochs))
@@ -152,7 +161,7 @@ def run_entry(entry: dict, data='default', seed: int = 0, out='runs/compare', ep
         m = evaluate_run(encoder=entry['encoder'], arch=s['arch'], data=data, size=s['size'], seed=seed, out=run, protocols=protocols,
                          skip_bad=skip_bad, device=device, weights=weights)
     else:
-        _pretrain_entry(entry, data, seed, run, s['epochs'], s['size'], s['bs'], precision, s['arch'], s['pretrained'], skip_bad, run_kw)
+        _pretrain_entry(entry, data, seed, run, s['epochs'], s['size'], s['bs'], precision, s['arch'], s['pretrained'], skip_bad, run_kw, knn=knn)
         f = run / 'metrics.json'
         have = json.loads(f.read_text()) if f.exists() else {}
         m = have if all(k in have for k in _metric_keys(protocols)) else evaluate_run(run, data, protocols, skip_bad=skip_bad, device=device)
@@ -161,14 +170,14 @@ def run_entry(entry: dict, data='default', seed: int = 0, out='runs/compare', ep
                 **{k: v for k, v in m.items() if isinstance(v, float)}, seconds=round(time.perf_counter() - t0, 1))
 
 def _pretrain_entry(entry: dict, data, seed: int, run: Path, epochs: int, size: int, bs: int, precision: str, arch: str,
-                    pretrained, skip_bad: bool, run_kw: dict | None = None, dry_run: bool = False):
+                    pretrained, skip_bad: bool, run_kw: dict | None = None, dry_run: bool = False, knn: int = 0):
     "Pretrain a resolved grid `entry` (its own settings already applied) into its folder `run`, unless its encoder is there."
     if (run / 'encoder.pth').exists() and not dry_run: return
     # an entry's own lr is quoted at its own bs, or else at the grid's reference batch 64: scaled (linearly) with --bs
     lr = entry.get('lr') if 'bs' in entry or entry.get('lr') is None else scale_lr(entry['lr'], bs)
     rk = {**(run_kw or {}), **{k: entry[k] for k in RUN_KEYS if k in entry}} if not is_trainer(entry['method']) else {}
     return pretrain_run(entry['method'], data, arch=arch, pretrained=pretrained, size=size, bs=bs, epochs=epochs, seed=seed, lr=lr,
-                        out=run, resume=(run / 'checkpoint.pth').exists(), views=entry.get('views'), precision=precision, knn=False,
+                        out=run, resume=(run / 'checkpoint.pth').exists(), views=entry.get('views'), precision=precision, knn=knn,
                         progress=False, skip_bad=skip_bad, dry_run=dry_run, **rk, **entry.get('kw', {}))
 
 def _metric_keys(protocols) -> list[str]:
@@ -177,24 +186,24 @@ def _metric_keys(protocols) -> list[str]:
     return [k for p in protocols for k in keys.get(p, [])]
 
 # %% ../nbs/50_compare.ipynb #c07e41a1
-def _dry_run(entries, data, seeds, out, epochs, size, bs, precision, arch, pretrained, run_kw) -> pd.DataFrame:
+def _dry_run(entries, data, seeds, out, epochs, size, bs, precision, arch, pretrained, run_kw, knn: int = 0) -> pd.DataFrame:
     "Print what each entry of a grid would run with (`pretrain_run(dry_run=True)`'s configuration; a baseline's encoder) and return nothing."
     for e in entries:
         s = entry_settings(e, arch, pretrained, size, bs, epochs)
         print(f"[{e['name']}]", flush=True)
         if e.get('encoder'): print(json.dumps(dict(encoder=e['encoder'], arch=s['arch'], weights=s['pretrained'], size=s['size']), indent=1))
         else: _pretrain_entry(e, data, seeds[0], out / slug(e['name']) / f'seed{seeds[0]}', s['epochs'], s['size'], s['bs'], precision,
-                              s['arch'], s['pretrained'], False, run_kw, dry_run=True)
+                              s['arch'], s['pretrained'], False, run_kw, dry_run=True, knn=knn)
     return pd.DataFrame()
 
 def run_grid(grid: str | list[dict], data='default', seeds=(0,), out='runs/compare', epochs: int = 10, size: int = 64,
              bs: int = 64, precision: str = 'auto', only: list[str] | None = None, arch: str = 'resnet18',
              pretrained: bool | str = False, skip_bad: bool = False, run_kw: dict | None = None, device: str | None = None,
-             dry_run: bool = False) -> pd.DataFrame:
+             dry_run: bool = False, knn: int = 0) -> pd.DataFrame:
     """Run `grid` (a name in `GRIDS` or a list of entries) for `seeds`; rows in `out/results.csv`, returned as a DataFrame.
     The data are checked once first (`skip_bad`: leave unreadable images out); a full disk (`WriteError`) stops the grid.
     `run_kw`: `pretrain_run` settings of the SSL entries (`RUN_KEYS`); `device`: of the evaluations; `dry_run`: print each
-    entry's resolved configuration and stop (nothing is read or written)."""
+    entry's resolved configuration and stop (nothing is read or written); `knn`: the k-NN monitor every `knn` epochs (0: none)."""
     from fgssl_nb.check import check_for_run
     from fgssl_nb.runs import WriteError
     from fgssl_nb.distributed import init_distributed, rank0_first, world_size, is_main, solo
@@ -211,7 +220,7 @@ def run_grid(grid: str | list[dict], data='default', seeds=(0,), out='runs/compa
     for e in entries:  # a typo in a method name stops the grid before anything is computed
         if e.get('method'): get_method(e['method'])
     out = Path(out)
-    if dry_run: return _dry_run(entries, data, seeds, out, epochs, size, bs, precision, arch, pretrained, run_kw)
+    if dry_run: return _dry_run(entries, data, seeds, out, epochs, size, bs, precision, arch, pretrained, run_kw, knn)
     for seed in seeds:  # before anything is computed: a folder made with other settings stops the grid (SettingMismatch)
         for e in entries: _check_same_setting(out / slug(e['name']) / f'seed{seed}', **_expected(e, arch, pretrained, size, bs, epochs))
     out.mkdir(parents=True, exist_ok=True)
@@ -221,17 +230,17 @@ def run_grid(grid: str | list[dict], data='default', seeds=(0,), out='runs/compa
             for e in (e for e in entries if e.get('method')):
                 s = entry_settings(e, arch, pretrained, size, bs, epochs)
                 try: _pretrain_entry(e, data, seed, out / slug(e['name']) / f'seed{seed}', s['epochs'], s['size'], s['bs'], precision,
-                                     s['arch'], s['pretrained'], skip_bad, run_kw)
+                                     s['arch'], s['pretrained'], skip_bad, run_kw, knn=knn)
                 except (WriteError, SettingMismatch): raise
                 except user_errors() as err: print(f"[{e['name']} seed {seed}] pretraining failed: {err}")  # rank 0 records it below
         if not is_main(): return pd.DataFrame()
-        with solo(): return run_grid(grid, data, seeds, out, epochs, size, bs, precision, only, arch, pretrained, skip_bad, run_kw, device)
+        with solo(): return run_grid(grid, data, seeds, out, epochs, size, bs, precision, only, arch, pretrained, skip_bad, run_kw, device, knn=knn)
     rows, errors = [], {}
     for seed in seeds:
         for e in entries:
             print(f"[{e['name']} seed {seed}]", flush=True)
             try: rows.append(run_entry(e, data, seed, out, epochs, size, bs, precision, arch=arch, pretrained=pretrained,
-                                       skip_bad=skip_bad, run_kw=run_kw, device=device))
+                                       skip_bad=skip_bad, run_kw=run_kw, device=device, knn=knn))
             except (WriteError, SettingMismatch): raise  # a full disk, a folder of another setting: every later entry would fail too
             except user_errors() as err:
                 errors[f"{e['name']} seed {seed}"] = f"{type(err).__name__}: {err}"; print(f"  failed: {err}")
@@ -289,7 +298,7 @@ def plot_results(summary: pd.DataFrame, metric: str = 'linear_top1', ax=None, fl
 def fgssl_compare(grid: Param(f"which comparison: {', '.join(GRIDS)} (default: system1, or the --preset's)", str) = None,
                   preset: Param(f"a named preset of grid and settings: {', '.join(PRESETS)} (lcr: grid lcr, ImageNet EfficientNet-Lite0, 96 px, batch 64, 10 epochs, "
                                 "a CPU's scale; lcr-paper: the LCR protocol, ResNet-50 with V1 weights, 224 px, batch 128, 100 epochs, MoCo queue 65536 and "
-                                "momentum 0.999; system1-paper: system 1's published settings per entry. --arch, --size, --bs, --epochs, --weights given here "
+                                "momentum 0.999; curves: grid curves from scratch, ResNet-18, 64 px, 300 epochs, k-NN monitor every 10; system1-paper: system 1's published settings per entry. --arch, --size, --bs, --epochs, --weights given here "
                                 "win; see --dry_run. The lcr presets start from ImageNet: for lcr from scratch use --grid lcr)", str) = None,
                   data: Param("data folder, or 'default' for the built-in toy birds", str) = 'default',
                   seeds: Param("seeds to run", int, nargs='+') = (0,),
@@ -306,28 +315,31 @@ def fgssl_compare(grid: Param(f"which comparison: {', '.join(GRIDS)} (default: s
                   ssl_holdout: Param("SSL entries: fraction of the pretext pool held out for a validation loss (default 0, or the preset's)", float) = None,
                   crop_from: Param("SSL entries: views cropped from the image decoded at this multiple of --size (default fgssl_pretrain's, or the preset's)", float) = None,
                   device: Param("where the evaluations run: cpu, cuda, cuda:N (default: cuda when there is a GPU)", str) = None,
+                  knn_every: Param("the k-NN monitor in each pretraining's log.csv after every N-th epoch and the last, drawn in curves.png (default 0: none, or the preset's)", int) = None,
                   dry_run: Param("print every entry's resolved configuration and stop (nothing is trained or read)", store_true) = False):
     "Run a comparison grid (pretrain + evaluate each entry for each seed) and print its table."
     matplotlib.use('Agg')
     if preset is not None and preset not in PRESETS: die(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     given = dict(grid=grid, arch=arch, size=size, bs=bs, epochs=epochs, pretrained=weights or pretrained or None,
-                 ssl_holdout=ssl_holdout, crop_from=crop_from)
+                 ssl_holdout=ssl_holdout, crop_from=crop_from, knn_every=knn_every)
     s = {**RUN_DEFAULTS, 'grid': 'system1', **PRESETS.get(preset, {}), **{k: v for k, v in given.items() if v is not None}}
     grid, arch, pretrained, size, bs, epochs = (s[k] for k in ('grid', 'arch', 'pretrained', 'size', 'bs', 'epochs'))
     if grid not in GRIDS: die(f"unknown grid {grid!r}; choose from {', '.join(GRIDS)}")
     if epochs < 1: die(f"--epochs must be at least 1, got {epochs}")
     if size < 16: die(f"--size must be at least 16 px, got {size}")
     if bs < 2: die(f"--bs must be at least 2, got {bs}")
+    knn = s.get('knn_every', 0)
+    if knn < 0: die(f"--knn_every must be >= 0 (0: no k-NN monitor), got {knn}")
     tag = '' if (data, arch, pretrained) == ('default', 'resnet18', False) else f"_{Path(str(data)).name}_{arch}{'_imagenet' if pretrained else ''}"
     out = Path(out or f'runs/compare_{grid}{tag}')
     run_kw = {k: s[k] for k in RUN_KEYS if k in s}
     print(f"grid {grid}: {arch}{' from ImageNet' if pretrained else ' from scratch'}"
           f"{f' ({pretrained} weights)' if isinstance(pretrained, str) else ''}, {size}px, batch {bs}, {epochs} epochs"
-          f"{''.join(f', {k} {v}' for k, v in run_kw.items())}, seeds {list(seeds)} -> {out}", flush=True)
+          f"{''.join(f', {k} {v}' for k, v in run_kw.items())}{f', k-NN monitor every {knn} epoch(s)' if knn else ''}, seeds {list(seeds)} -> {out}", flush=True)
     entries = apply_methods(GRIDS[grid], s.get('methods'))
     from fgssl_nb.runs import atomic_write_text
     try: df = run_grid(entries, data, tuple(seeds), out, epochs, size, bs, precision, only, arch=arch, pretrained=pretrained,
-                       skip_bad=skip_bad, run_kw=run_kw, device=device, dry_run=dry_run)
+                       skip_bad=skip_bad, run_kw=run_kw, device=device, dry_run=dry_run, knn=knn)
     except user_errors() as e: die(str(e))
     from fgssl_nb.distributed import is_main
     if dry_run or not is_main(): return  # rank 0 writes the table and the figure
@@ -342,3 +354,13 @@ def fgssl_compare(grid: Param(f"which comparison: {', '.join(GRIDS)} (default: s
         print(md)
         import matplotlib.pyplot as plt
         ax = plot_results(s, floor='imagenet (frozen)' if pretrained else 'random init'); ax.figure.savefig(out / 'results.png', dpi=90, bbox_inches='tight'); plt.close(ax.figure)
+        from fgssl_nb.curves import read_curves, plot_curves, crossing_table, table_markdown
+        cur = read_curves(out)
+        if knn and cur.attrs['no_monitor']:
+            print(f"note: {len(cur.attrs['no_monitor'])} run(s) here were trained without the k-NN monitor and have no curve: "
+                  + ', '.join(cur.attrs['no_monitor']))
+        if (cur.kind == 'curve').any():  # runs with the k-NN monitor: their curves against the floor, and when each crossed it
+            floor = 'imagenet (frozen)' if pretrained else 'random init'
+            floor = floor if (cur[cur.kind == 'baseline'].name == floor).any() else None  # a grid without its floor: curves only
+            ax = plot_curves(cur, floor=floor); ax.figure.savefig(out / 'curves.png', dpi=90, bbox_inches='tight'); plt.close(ax.figure)
+            print(table_markdown(crossing_table(cur, floor=floor)))

@@ -22,8 +22,8 @@ from .registry import get_method, is_trainer, method_options
 from .distributed import init_distributed, distribute, world_size, is_main, unwrap, solo, barrier, bn_note, peer_failure
 
 # %% auto #0
-__all__ = ['SSLMethod', 'EmbeddingStd', 'KNNMonitor', 'NaNGuard', 'GroupLRMult', 'FreezeEncoderBN', 'build_learner',
-           'adapt_callbacks', 'ssl_learner', 'pretrain']
+__all__ = ['SSLMethod', 'EmbeddingStd', 'KNNMonitor', 'ArmMonitor', 'knn_metrics', 'NaNGuard', 'GroupLRMult', 'FreezeEncoderBN',
+           'build_learner', 'adapt_callbacks', 'ssl_learner', 'pretrain']
 
 # %% ../nbs/03_learner.ipynb #d7a41021
 def _takes(params, names) -> bool:
@@ -208,11 +208,21 @@ class EmbeddingStd(Metric):
     def name(self): return 'z_std'
 
 class KNNMonitor:
-    "k-NN top-1 of the learner's encoder on labelled DataLoaders (train -> memory bank, valid -> queries)."
-    def __init__(self, learn_ref, labeled_dls, k: int = 20): self.learn_ref, self.dls, self.k = learn_ref, labeled_dls, k
+    """k-NN top-1 of the learner's encoder on labelled DataLoaders (train -> memory bank, valid -> queries), after every
+    `every`-th epoch and the last (None in between); `feat_std`: the collapse indicator of `EmbeddingStd` on the same test
+    features (the encoder's, not the projector's; `knn_metrics` logs it beside `knn_top1`)."""
+    def __init__(self, learn_ref, labeled_dls, k: int = 20, every: int = 1):
+        if every < 1: raise ValueError(f"the k-NN monitor runs every N >= 1 epochs, got {every}")
+        self.learn_ref, self.dls, self.k, self.every, self.feat_std = learn_ref, labeled_dls, k, int(every), None
+        self.armed = False  # set by `ArmMonitor` when an epoch trains
+    def due(self) -> bool:
+        "Whether this epoch is measured: every `every`-th (1-based) and the last."
+        learn = self.learn_ref()
+        return (learn.epoch + 1) % self.every == 0 or learn.epoch + 1 == learn.n_epoch
     def __call__(self) -> float:
         from fgssl_nb.evaluate import extract_features, knn_classify
-        if not is_main(): return None  # once, on rank 0 (the others wait at their next collective)
+        self.feat_std, armed, self.armed = None, self.armed, False
+        if not armed or not is_main() or not self.due(): return None  # not after a `validate()` outside `fit`  # once, on rank 0 (the others wait at their next collective)
         enc = unwrap(self.learn_ref().model).encoder
         py = random.getstate()  # monitoring must not change the training's random stream (with or without --no_knn)
         try:
@@ -220,7 +230,22 @@ class KNNMonitor:
                 tr_f, tr_y = extract_features(enc, self.dls.train.new(shuffle=False, drop_last=False))
                 te_f, te_y = extract_features(enc, self.dls.valid)
         finally: random.setstate(py)
+        z = F.normalize(te_f.double(), dim=1)
+        self.feat_std = (z.std(0).mean() * math.sqrt(z.shape[1])).item() if len(z) > 1 else None
         return (knn_classify(tr_f, tr_y, te_f, k=self.k) == te_y).float().mean().item()
+
+class ArmMonitor(Callback):
+    "Arms a `KNNMonitor` when an epoch trains: a `learn.validate()` (no training phase) measures nothing, its value would be thrown away."
+    def __init__(self, monitor: KNNMonitor): self.monitor = monitor
+    def before_train(self): self.monitor.armed = True
+
+def knn_metrics(learn, labeled_dls, every: int = 1, k: int = 20) -> list:
+    """The metrics that log a `KNNMonitor` of `learn`'s encoder: `knn_top1` and `feat_std` (after every `every`-th epoch
+    and the last); adds the monitor's `ArmMonitor` to `learn`. `labeled_dls` must be DataLoaders of their own, not `learn.dls`
+    (under torchrun `learn.dls` are replaced by per-process shards)."""
+    mon = KNNMonitor(weakref.ref(learn), labeled_dls, k=k, every=every)
+    learn.add_cb(ArmMonitor(mon))
+    return [ValueMetric(mon, 'knn_top1'), ValueMetric(lambda: mon.feat_std, 'feat_std')]  # in this order: knn_top1 measures
 
 class NaNGuard(TerminateOnNaNCallback):
     "Stop training as soon as the loss is NaN or infinite (before the step reaches the weights), recording where."
@@ -288,9 +313,11 @@ def adapt_callbacks(encoder_lr_mult: float = 1.0, encoder_hold: int = 0, freeze_
 def ssl_learner(dls, method: str = 'simclr', arch: str = 'resnet18', pretrained: bool = False, size: int | None = None,
                 views: str | None = None, local_views: int = 0, local_size: int | None = None, precision: str = 'auto',
                 channels_last: bool = True, knn_dls=None, run_dir=None, opt_func=None, wd: float | None = None,
-                encoder_lr_mult: float = 1.0, encoder_hold: int = 0, freeze_bn: bool = False, **options) -> Learner:
+                encoder_lr_mult: float = 1.0, encoder_hold: int = 0, freeze_bn: bool = False, knn_every: int = 1,
+                **options) -> Learner:
     """A fastai `Learner` pretraining `arch` with SSL `method` on the (unlabelled) `dls`; `options`: the method's own.
-    `encoder_lr_mult`, `encoder_hold`, `freeze_bn`: how the encoder adapts (`GroupLRMult`, `FreezeEncoderBN`; for an ImageNet start)."""
+    `encoder_lr_mult`, `encoder_hold`, `freeze_bn`: how the encoder adapts (`GroupLRMult`, `FreezeEncoderBN`; for an ImageNet start).
+    `knn_dls`: labelled DataLoaders for the k-NN monitor (`knn_metrics`), measured after every `knn_every`-th epoch and the last."""
     cls = get_method(method)
     if is_trainer(method): raise ValueError(f"{method!r} has its own trainer: use fgssl_nb.cli.pretrain_run or fgssl_nb.registry.get_method({method!r})")
     bad = set(options) - method_options(cls)
@@ -304,7 +331,7 @@ def ssl_learner(dls, method: str = 'simclr', arch: str = 'resnet18', pretrained:
                           cbs=[cb, *cb.extra_callbacks(), *adapt_callbacks(encoder_lr_mult, encoder_hold, freeze_bn)], opt_func=opt_func or cls.opt_func, splitter=ssl_splitter,
                           wd=cls.wd if wd is None else wd, moms=cls.moms, metrics=[EmbeddingStd()], precision=precision,
                           channels_last=channels_last, run_dir=run_dir)
-    if knn_dls is not None: learn.metrics = [*learn.metrics, ValueMetric(KNNMonitor(weakref.ref(learn), knn_dls), 'knn_top1')]
+    if knn_dls is not None: learn.metrics = [*learn.metrics, *knn_metrics(learn, knn_dls, every=knn_every)]
     return learn
 
 # %% ../nbs/03_learner.ipynb #6dbbabdd

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 # %% auto #0
 __all__ = ['RESUME_HINT', 'TRACKERS', 'RunState', 'get_run_state', 'WriteError', 'write_error', 'state_nbytes', 'atomic_save',
-           'atomic_write_text', 'append_line', 'RunCheckpoint', 'RunCSVLogger', 'resume_from_checkpoint',
+           'atomic_write_text', 'append_line', 'RunCheckpoint', 'realign_log', 'RunCSVLogger', 'resume_from_checkpoint',
            'save_encoder', 'load_encoder', 'export_checkpoint', 'check_trackers', 'tracking_callbacks']
 
 # %% ../nbs/03c_runs.ipynb #bcbfef57
@@ -164,9 +164,12 @@ RESUME_HINT = "continue with resume=True (--resume)"
 class RunCheckpoint(Callback):
     "Save model, optimiser, epoch and all random states to `run_dir/checkpoint.pth` after each finished epoch."
     order = 55  # after Recorder (50) has closed the epoch, before CSVLogger (60) writes its row
-    def __init__(self, run_dir): self.run_dir = Path(run_dir)
+    def __init__(self, run_dir): self.run_dir, self.trained = Path(run_dir), False
     def after_epoch(self):
-        if self.epoch < get_run_state(self.learn).resume_epoch: return  # an epoch skipped while resuming
+        # only after an epoch that trained: `learn.validate()` also ends with after_epoch, at epoch 0 (fastai resets it), and
+        # would overwrite a finished run's checkpoint as "1 epoch done"; an epoch skipped while resuming trained nothing either
+        trained, self.trained = self.trained, False
+        if not trained or self.epoch < get_run_state(self.learn).resume_epoch: return
         if not torch.isfinite(torch.as_tensor(self.learn.recorder.losses[-1] if self.learn.recorder.losses else 0.)): return
         sl, rngs = self.learn.recorder.smooth_loss, _all_rng_states(self.learn)  # a collective: every rank calls it
         if is_main():  # one writer; the other processes hold the same weights (DDP)
@@ -179,9 +182,19 @@ class RunCheckpoint(Callback):
         st = get_run_state(self.learn).resume_scaler
         if st and _scaler(self.learn): _scaler(self.learn).load_state_dict(st)
     def before_train(self):
+        self.trained = True
         # resuming: carry on fastai's smoothed training loss, which a new `fit` would restart from zero
         if self.epoch == get_run_state(self.learn).resume_epoch and get_run_state(self.learn).resume_smooth:
             self.learn.recorder.smooth_loss.val, self.learn.recorder.smooth_loss.count = get_run_state(self.learn).resume_smooth
+
+def realign_log(f: Path, names: list[str]):
+    """Rewrite the log `f` under the header `names` when its own header differs: each old row's values go to the columns
+    of the same name (empty where it had none; columns no longer logged are dropped). Rows appended later then line up."""
+    lines = Path(f).read_text().splitlines()
+    if not lines or lines[0].split(',') == names: return
+    old = lines[0].split(',')
+    rows = [dict(zip(old, l.split(','))) for l in lines[1:] if l.strip()]
+    atomic_write_text(f, '\n'.join([','.join(names)] + [','.join(r.get(n, '') for n in names) for r in rows]) + '\n', hint=RESUME_HINT)
 
 class RunCSVLogger(CSVLogger):
     "fastai's `CSVLogger` for resumable runs: one header, no rows for the epochs skipped while resuming, rows that never half-fail."
@@ -190,7 +203,9 @@ class RunCSVLogger(CSVLogger):
         f = self.path / self.fname
         self.append = self.append and f.exists() and f.stat().st_size > 0
         f.parent.mkdir(parents=True, exist_ok=True)
-        if not self.append and is_main(): atomic_write_text(f, ','.join(self.recorder.metric_names) + '\n', hint=RESUME_HINT)
+        names = list(self.recorder.metric_names)
+        if not self.append and is_main(): atomic_write_text(f, ','.join(names) + '\n', hint=RESUME_HINT)
+        elif is_main(): realign_log(f, names)  # a resumed run that logs other columns than it did (a monitor added or dropped)
         self.old_logger, self.learn.logger = self.logger, self._write_line
     def _write_line(self, log):
         if self.epoch >= get_run_state(self.learn).resume_epoch and is_main():

@@ -19,7 +19,7 @@ from .augment import RandResizedCrop, RandHFlip, ViewPipeline, tile_shuffle, ran
 from .models import Encoder, create_encoder
 from .evaluate import resnet_stages, make_head, eval_mode
 from .registry import register_trainer
-from .learner import pretrain, build_learner, GroupLRMult
+from .learner import pretrain, build_learner, GroupLRMult, knn_metrics
 from .runs import RunState
 from .optim import fast_adam, fast_sgd
 
@@ -107,8 +107,10 @@ def train_supervised(ds, out, *, arch: str = 'resnet18', pretrained: bool = Fals
                      epochs: int = 30, lr: float | None = None, seed: int = 0, resume: bool = False, precision: str = 'auto',
                      workers: int | None = None, progress: bool | None = None, config: dict | None = None, views=None,
                      head: str = 'linear', scale: tuple[float, float] = (0.5, 1.0), wd: float = 1e-2,
-                     encoder_lr_mult: float | None = None, cbs: list | None = None) -> Learner:
-    "Train `arch` + `head` on the labelled train split of `ds` into run folder `out`; `metrics.json` gets `supervised_top1` (test)."
+                     encoder_lr_mult: float | None = None, cbs: list | None = None, knn_every: int = 0) -> Learner:
+    """Train `arch` + `head` on the labelled train split of `ds` into run folder `out`; `metrics.json` gets `supervised_top1` (test).
+    `knn_every`: the SSL runs' k-NN monitor of the encoder (`knn_metrics`; `knn_top1` and `feat_std` in `log.csv`) after every
+    N-th epoch and the last (0: none)."""
     _no_views(views, 'supervised')
     ds = _check_labeled(ds, bs)
     set_seed(seed, reproducible=True)
@@ -116,6 +118,9 @@ def train_supervised(ds, out, *, arch: str = 'resnet18', pretrained: bool = Fals
     learn = supervised_learner(dls, arch, pretrained, size, head, scale, lr=lr or 2e-3, wd=wd,
                                encoder_lr_mult=encoder_lr_mult, precision=precision, run_dir=out)
     if cbs: learn.add_cbs(cbs)
+    if knn_every:  # the monitor reads DataLoaders of its own (under torchrun `dls` become per-process shards)
+        kdls = labeled_dls(ds, size=size, bs=bs, num_workers=workers, verify=None)
+        learn.metrics = [*learn.metrics, *knn_metrics(learn, kdls, every=knn_every)]
     cfg = dict(config or {}, method='supervised', arch=arch, pretrained=pretrained, size=size, bs=bs, seed=seed,
                head=head, scale=scale, wd=wd, encoder_lr_mult=encoder_lr_mult, n_train=len(ds.train_idxs))
     return _fit_run(learn, out, epochs, lr or learn.run_state.default_lr, resume, progress, cfg, ['supervised_top1'])

@@ -30,7 +30,7 @@ def test_cli_compare_end_to_end(birds, tmp_path):
     assert results_markdown(s).splitlines()[2].startswith('| random init | 2 |')
     assert '| random init | 2 |' in r.stdout
     bad = subprocess.run([str(BIN / 'fgssl_compare'), '--grid', 'nope'], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.strip().endswith("choose from system1, system2, alpha, lcr, system1-paper")
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("choose from system1, system2, alpha, lcr, curves, system1-paper")
 
 
 def test_write_error_stops_the_grid(birds, tmp_path, monkeypatch):
