@@ -14,8 +14,8 @@ from .cli import pretrain_run, evaluate_run, scale_lr, METRIC_COLS, user_errors,
 
 # %% auto #0
 __all__ = ['SYSTEM1_VIEWS', 'GRIDS', 'PAPER_MOCO', 'PAPER_SIMSIAM', 'PRESETS', 'RUN_DEFAULTS', 'RUN_KEYS', 'METRICS',
-           'apply_methods', 'resolve_entry', 'slug', 'SettingMismatch', 'entry_settings', 'run_entry', 'run_grid',
-           'summarize', 'results_markdown', 'plot_results', 'fgssl_compare']
+           'apply_methods', 'resolve_entry', 'slug', 'SettingMismatch', 'entry_settings', 'run_entry', 'kept_record',
+           'run_grid', 'summarize', 'results_markdown', 'plot_results', 'fgssl_compare']
 
 # %% ../nbs/50_compare.ipynb #756ababd
 SYSTEM1_VIEWS = ('gamma', 'dropout', 'regions', 'patchswap', 'dcl', 'jigsaw')
@@ -161,7 +161,8 @@ def run_entry(entry: dict, data='default', seed: int = 0, out='runs/compare', ep
         m = evaluate_run(encoder=entry['encoder'], arch=s['arch'], data=data, size=s['size'], seed=seed, out=run, protocols=protocols,
                          skip_bad=skip_bad, device=device, weights=weights)
     else:
-        _pretrain_entry(entry, data, seed, run, s['epochs'], s['size'], s['bs'], precision, s['arch'], s['pretrained'], skip_bad, run_kw, knn=knn)
+        if not kept_record(run, protocols):
+            _pretrain_entry(entry, data, seed, run, s['epochs'], s['size'], s['bs'], precision, s['arch'], s['pretrained'], skip_bad, run_kw, knn=knn)
         f = run / 'metrics.json'
         have = json.loads(f.read_text()) if f.exists() else {}
         m = have if all(k in have for k in _metric_keys(protocols)) else evaluate_run(run, data, protocols, skip_bad=skip_bad, device=device)
@@ -179,6 +180,14 @@ def _pretrain_entry(entry: dict, data, seed: int, run: Path, epochs: int, size: 
     return pretrain_run(entry['method'], data, arch=arch, pretrained=pretrained, size=size, bs=bs, epochs=epochs, seed=seed, lr=lr,
                         out=run, resume=(run / 'checkpoint.pth').exists(), views=entry.get('views'), precision=precision, knn=knn,
                         progress=False, skip_bad=skip_bad, dry_run=dry_run, **rk, **entry.get('kw', {}))
+
+def kept_record(run: Path, protocols=('linear', 'knn', 'retrieval')) -> bool:
+    """Whether `run` is a finished run kept without its weights: no `encoder.pth` or `checkpoint.pth`, and a `metrics.json`
+    with every number of `protocols`. The project keeps such records of its published grids in git (`runs/lcr2/`);
+    a grid reuses them instead of training again, and trains only the seeds that are missing."""
+    f = run / 'metrics.json'
+    if (run / 'encoder.pth').exists() or (run / 'checkpoint.pth').exists() or not f.exists(): return False
+    return all(k in json.loads(f.read_text()) for k in _metric_keys(protocols))
 
 def _metric_keys(protocols) -> list[str]:
     keys = dict(linear=['linear_top1'], knn=['knn_top1'], retrieval=['retrieval_rank1', 'retrieval_rank5', 'retrieval_map'],

@@ -222,7 +222,7 @@ class KNNMonitor:
     def __call__(self) -> float:
         from fgssl_nb.evaluate import extract_features, knn_classify
         self.feat_std, armed, self.armed = None, self.armed, False
-        if not armed or not is_main() or not self.due(): return None  # not after a `validate()` outside `fit`  # once, on rank 0 (the others wait at their next collective)
+        if not armed or not is_main() or not self.due(): return None  # unarmed: a `validate()` outside `fit`; once, on rank 0 (the others wait at their next collective)
         enc = unwrap(self.learn_ref().model).encoder
         py = random.getstate()  # monitoring must not change the training's random stream (with or without --no_knn)
         try:

@@ -2,6 +2,10 @@
 # The whole test suite: notebook tests, the notebook/library export check, pytest.
 # `bash scripts/test.sh --slow` also runs the notebooks' `#| slow` cells.
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+# Every temporary file of the suite (the notebooks' scratch folders, pytest's tmp_path, torchrun's) goes into one folder
+# that is removed at the end, pass or fail: a machine that runs the suite again and again does not fill its /tmp.
+export TMPDIR="$(mktemp -d "${TMPDIR:-/tmp}/fgssl_test.XXXXXX")"
+trap 'rm -rf "$TMPDIR"' EXIT
 flags=()
 [ "${1:-}" = "--slow" ] && flags=(--flags slow)
 

@@ -16,6 +16,13 @@ def test_failing_entry_is_recorded_and_the_grid_goes_on(birds, tmp_path):
     assert 'no option no_such_option' in json.loads((tmp_path / 'errors.json').read_text())['bad seed 0']
     saved = pd.read_csv(tmp_path / 'results.csv')
     assert list(saved.name) == ['simclr'] and 0 <= saved.linear_top1[0] <= 1
+    # the run's record kept without its weights (as git keeps the published grids): reused, not trained again
+    run = tmp_path / 'simclr' / 'seed0'
+    for f in ('encoder.pth', 'checkpoint.pth'): (run / f).unlink()
+    (run / 'metrics.json').write_text(json.dumps({**json.loads((run / 'metrics.json').read_text()), 'linear_top1': 0.123}))
+    again = run_grid(grid[1:], birds, seeds=(0,), out=tmp_path, epochs=1, size=32, bs=8)
+    assert again.linear_top1[0] == 0.123 and not (run / 'checkpoint.pth').exists()
+    assert pd.read_csv(tmp_path / 'results.csv').linear_top1.tolist() == [0.123]
 
 
 def test_cli_compare_end_to_end(birds, tmp_path):

@@ -1,6 +1,6 @@
 """System 2's decoder as part of a run: decoder.pth written and reloaded, exact across resume (warm-up included), the
 decoder protocol of fgssl_eval end to end, its bad input, and the ImageNet-start settings reaching fgssl_pretrain."""
-import json, subprocess, sys
+import json, shutil, subprocess, sys
 from pathlib import Path
 import pytest
 import torch
@@ -21,7 +21,8 @@ def synth_run(tiny, tmp_path_factory):
     r = run('fgssl_pretrain', '--method', 'synth-moco', '--data', tiny, '--out', out, '--size', 32, '--bs', 8, '--epochs', 1,
             '--no_knn', '--criterion', 'gradcam', '--n_dims', 0.5, '--decoder_warmup', 2, *SMALL)
     assert r.returncode == 0, r.stderr
-    return out, r
+    yield out, r
+    shutil.rmtree(out.parent, ignore_errors=True)  # its checkpoints: free /tmp for the later tests
 
 
 def test_pretrain_writes_decoder_after_a_warmup(synth_run):

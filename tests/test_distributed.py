@@ -32,7 +32,8 @@ def worker(birds, tmp_path_factory):
     out = tmp_path_factory.mktemp('ddp')
     r = torchrun(ROOT / 'tests' / 'ddp_worker.py', out, birds)
     assert r.returncode == 0, r.stderr[-3000:]
-    return out, r
+    yield out, r
+    shutil.rmtree(out, ignore_errors=True)  # its checkpoints: free /tmp for the later tests
 
 
 def _ranks(out, name):
