@@ -161,8 +161,7 @@ def run_entry(entry: dict, data='default', seed: int = 0, out='runs/compare', ep
         m = evaluate_run(encoder=entry['encoder'], arch=s['arch'], data=data, size=s['size'], seed=seed, out=run, protocols=protocols,
                          skip_bad=skip_bad, device=device, weights=weights)
     else:
-        if not kept_record(run, protocols):
-            _pretrain_entry(entry, data, seed, run, s['epochs'], s['size'], s['bs'], precision, s['arch'], s['pretrained'], skip_bad, run_kw, knn=knn)
+        _pretrain_entry(entry, data, seed, run, s['epochs'], s['size'], s['bs'], precision, s['arch'], s['pretrained'], skip_bad, run_kw, knn=knn)
         f = run / 'metrics.json'
         have = json.loads(f.read_text()) if f.exists() else {}
         m = have if all(k in have for k in _metric_keys(protocols)) else evaluate_run(run, data, protocols, skip_bad=skip_bad, device=device)
@@ -172,8 +171,13 @@ def run_entry(entry: dict, data='default', seed: int = 0, out='runs/compare', ep
 
 def _pretrain_entry(entry: dict, data, seed: int, run: Path, epochs: int, size: int, bs: int, precision: str, arch: str,
                     pretrained, skip_bad: bool, run_kw: dict | None = None, dry_run: bool = False, knn: int = 0):
-    "Pretrain a resolved grid `entry` (its own settings already applied) into its folder `run`, unless its encoder is there."
+    """Pretrain a resolved grid `entry` (its own settings already applied) into its folder `run`, unless its encoder is there
+    or the folder is a kept record (`kept_record`). A fresh start drops an old `metrics.json`: its numbers are of other weights."""
+    if kept_record(run, entry.get('protocols', ('linear', 'knn', 'retrieval'))):
+        if dry_run: print(f"{run}: a kept record (metrics.json, no weights): reused, not trained")
+        return
     if (run / 'encoder.pth').exists() and not dry_run: return
+    if not dry_run and not (run / 'checkpoint.pth').exists(): (run / 'metrics.json').unlink(missing_ok=True)
     # an entry's own lr is quoted at its own bs, or else at the grid's reference batch 64: scaled (linearly) with --bs
     lr = entry.get('lr') if 'bs' in entry or entry.get('lr') is None else scale_lr(entry['lr'], bs)
     rk = {**(run_kw or {}), **{k: entry[k] for k in RUN_KEYS if k in entry}} if not is_trainer(entry['method']) else {}
@@ -185,9 +189,9 @@ def kept_record(run: Path, protocols=('linear', 'knn', 'retrieval')) -> bool:
     """Whether `run` is a finished run kept without its weights: no `encoder.pth` or `checkpoint.pth`, and a `metrics.json`
     with every number of `protocols`. The project keeps such records of its published grids in git (`runs/lcr2/`);
     a grid reuses them instead of training again, and trains only the seeds that are missing."""
-    f = run / 'metrics.json'
-    if (run / 'encoder.pth').exists() or (run / 'checkpoint.pth').exists() or not f.exists(): return False
-    return all(k in json.loads(f.read_text()) for k in _metric_keys(protocols))
+    f, keys = run / 'metrics.json', _metric_keys(protocols)
+    if not keys or (run / 'encoder.pth').exists() or (run / 'checkpoint.pth').exists() or not f.exists(): return False
+    return all(k in json.loads(f.read_text()) for k in keys)
 
 def _metric_keys(protocols) -> list[str]:
     keys = dict(linear=['linear_top1'], knn=['knn_top1'], retrieval=['retrieval_rank1', 'retrieval_rank5', 'retrieval_map'],

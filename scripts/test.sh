@@ -3,8 +3,10 @@
 # `bash scripts/test.sh --slow` also runs the notebooks' `#| slow` cells.
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 # Every temporary file of the suite (the notebooks' scratch folders, pytest's tmp_path, torchrun's) goes into one folder
-# that is removed at the end, pass or fail: a machine that runs the suite again and again does not fill its /tmp.
-export TMPDIR="$(mktemp -d "${TMPDIR:-/tmp}/fgssl_test.XXXXXX")"
+# that is removed at the end, pass or fail (failing tests' folders included: rerun pytest alone to inspect them), so a
+# machine that runs the suite again and again does not fill its /tmp.
+TMPDIR="$(mktemp -d "${TMPDIR:-/tmp}/fgssl_test.XXXXXX")"
+export TMPDIR
 trap 'rm -rf "$TMPDIR"' EXIT
 flags=()
 [ "${1:-}" = "--slow" ] && flags=(--flags slow)

@@ -21,8 +21,12 @@ def test_failing_entry_is_recorded_and_the_grid_goes_on(birds, tmp_path):
     for f in ('encoder.pth', 'checkpoint.pth'): (run / f).unlink()
     (run / 'metrics.json').write_text(json.dumps({**json.loads((run / 'metrics.json').read_text()), 'linear_top1': 0.123}))
     again = run_grid(grid[1:], birds, seeds=(0,), out=tmp_path, epochs=1, size=32, bs=8)
-    assert again.linear_top1[0] == 0.123 and not (run / 'checkpoint.pth').exists()
+    assert again.linear_top1[0] == 0.123 and not (run / 'checkpoint.pth').exists() and not (run / 'encoder.pth').exists()
     assert pd.read_csv(tmp_path / 'results.csv').linear_top1.tolist() == [0.123]
+    # an incomplete record is no record: trained again, and its old numbers are not reported beside the new weights
+    (run / 'metrics.json').write_text(json.dumps(dict(linear_top1=0.123)))
+    third = run_grid(grid[1:], birds, seeds=(0,), out=tmp_path, epochs=1, size=32, bs=8)
+    assert (run / 'encoder.pth').exists() and third.linear_top1[0] != 0.123 and 'retrieval_map' in third
 
 
 def test_cli_compare_end_to_end(birds, tmp_path):
