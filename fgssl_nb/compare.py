@@ -15,7 +15,7 @@ from .cli import pretrain_run, evaluate_run, scale_lr, METRIC_COLS, user_errors,
 # %% auto #0
 __all__ = ['SYSTEM1_VIEWS', 'GRIDS', 'PAPER_MOCO', 'PAPER_SIMSIAM', 'PRESETS', 'RUN_DEFAULTS', 'RUN_KEYS', 'METRICS',
            'apply_methods', 'resolve_entry', 'slug', 'SettingMismatch', 'entry_settings', 'run_entry', 'kept_record',
-           'run_grid', 'summarize', 'results_markdown', 'plot_results', 'fgssl_compare']
+           'run_metrics', 'run_grid', 'summarize', 'results_markdown', 'plot_results', 'fgssl_compare']
 
 # %% ../nbs/50_compare.ipynb #756ababd
 SYSTEM1_VIEWS = ('gamma', 'dropout', 'regions', 'patchswap', 'dcl', 'jigsaw')
@@ -155,19 +155,24 @@ def run_entry(entry: dict, data='default', seed: int = 0, out='runs/compare', ep
     _check_same_setting(run, **_expected(entry, arch, pretrained, size, bs, epochs))
     s = entry_settings(entry, arch, pretrained, size, bs, epochs)
     protocols = tuple(entry.get('protocols', protocols))
-    t0 = time.perf_counter()
-    if entry.get('encoder'):  # an untrained baseline: evaluation only
+    t0, t1 = time.perf_counter(), None  # t1: when this call's evaluation ended (None: the numbers were reused)
+    if entry.get('encoder'):  # an untrained baseline: evaluation only, unless it was evaluated on these data already
         weights = s['pretrained'] if isinstance(s['pretrained'], str) and entry['encoder'] == 'imagenet' else None
-        m = evaluate_run(encoder=entry['encoder'], arch=s['arch'], data=data, size=s['size'], seed=seed, out=run, protocols=protocols,
-                         skip_bad=skip_bad, device=device, weights=weights)
-    else:
-        _pretrain_entry(entry, data, seed, run, s['epochs'], s['size'], s['bs'], precision, s['arch'], s['pretrained'], skip_bad, run_kw, knn=knn)
-        f = run / 'metrics.json'
-        have = json.loads(f.read_text()) if f.exists() else {}
-        m = have if all(k in have for k in _metric_keys(protocols)) else evaluate_run(run, data, protocols, skip_bad=skip_bad, device=device)
+        m = run_metrics(run, protocols)
+        if m is None or m.get('data') != str(data):
+            m = evaluate_run(encoder=entry['encoder'], arch=s['arch'], data=data, size=s['size'], seed=seed, out=run, protocols=protocols,
+                             skip_bad=skip_bad, device=device, weights=weights)
+            t1 = time.perf_counter()
+    else:  # numbers in metrics.json are reused only when no epoch was trained now
+        trained = _pretrain_entry(entry, data, seed, run, s['epochs'], s['size'], s['bs'], precision, s['arch'], s['pretrained'],
+                                  skip_bad, run_kw, knn=knn) is not None
+        m = None if trained else run_metrics(run, protocols)
+        if m is None: m, t1 = evaluate_run(run, data, protocols, skip_bad=skip_bad, device=device), time.perf_counter()
     cfg = json.loads((run / 'config.json').read_text()) if (run / 'config.json').exists() else {}
+    # seconds: of this call's training and evaluation; a reused run has none (`_save_rows` keeps the seconds it was made in)
     return dict(name=entry['name'], seed=seed, method=entry.get('method', entry.get('encoder')), epochs=cfg.get('epochs', 0),
-                **{k: v for k, v in m.items() if isinstance(v, float)}, seconds=round(time.perf_counter() - t0, 1))
+                **{k: v for k, v in m.items() if isinstance(v, float)},
+                seconds=float('nan') if t1 is None else round(t1 - t0, 1))
 
 def _pretrain_entry(entry: dict, data, seed: int, run: Path, epochs: int, size: int, bs: int, precision: str, arch: str,
                     pretrained, skip_bad: bool, run_kw: dict | None = None, dry_run: bool = False, knn: int = 0):
@@ -189,9 +194,15 @@ def kept_record(run: Path, protocols=('linear', 'knn', 'retrieval')) -> bool:
     """Whether `run` is a finished run kept without its weights: no `encoder.pth` or `checkpoint.pth`, and a `metrics.json`
     with every number of `protocols`. The project keeps such records of its published grids in git (`runs/lcr2/`);
     a grid reuses them instead of training again, and trains only the seeds that are missing."""
-    f, keys = run / 'metrics.json', _metric_keys(protocols)
-    if not keys or (run / 'encoder.pth').exists() or (run / 'checkpoint.pth').exists() or not f.exists(): return False
-    return all(k in json.loads(f.read_text()) for k in keys)
+    if (run / 'encoder.pth').exists() or (run / 'checkpoint.pth').exists(): return False
+    return run_metrics(run, protocols) is not None
+
+def run_metrics(run: Path, protocols=('linear', 'knn', 'retrieval')) -> dict | None:
+    "`run/metrics.json` when it holds every number of `protocols`, else None: the one test of 'evaluated' that grids and `scripts/keep_records.py` share."
+    f, keys = Path(run) / 'metrics.json', _metric_keys(protocols)
+    if not keys or not f.exists(): return None
+    m = json.loads(f.read_text())
+    return m if all(k in m for k in keys) else None
 
 def _metric_keys(protocols) -> list[str]:
     keys = dict(linear=['linear_top1'], knn=['knn_top1'], retrieval=['retrieval_rank1', 'retrieval_rank5', 'retrieval_map'],
@@ -261,11 +272,15 @@ def run_grid(grid: str | list[dict], data='default', seeds=(0,), out='runs/compa
     return pd.DataFrame(rows)
 
 def _save_rows(out: Path, rows: list[dict], errors: dict):
-    "Merge `rows` into `out/results.csv`: rows of other entries/seeds (earlier, partial runs) are kept, same ones replaced."
+    """Merge `rows` into `out/results.csv`: rows of other entries/seeds (earlier, partial runs) are kept, same ones replaced;
+    a reused run's row (no `seconds`) keeps the seconds it was made in."""
     from fgssl_nb.runs import atomic_write_text
     f, new = out / 'results.csv', pd.DataFrame(rows)
     if rows and f.exists() and f.stat().st_size:
         old = pd.read_csv(f)
+        if 'seconds' in old and 'seconds' in new:
+            made = {(n, s): t for n, s, t in zip(old['name'], old['seed'], old['seconds'])}
+            new['seconds'] = [t if t == t else made.get((n, s), t) for n, s, t in zip(new['name'], new['seed'], new['seconds'])]
         done = set(zip(new.get('name', []), new.get('seed', [])))
         old = old[[(n, s) not in done for n, s in zip(old['name'], old['seed'])]]
         new = pd.concat([old, new], ignore_index=True)

@@ -4,9 +4,9 @@ log.csv, figures; never weights). A run counts as finished when its metrics.json
 protocols and it has its final encoder.pth, or no weights at all (a kept record). A run still training, or one being
 extended past an old evaluation, is left out: its record would be reused later as if it were finished.
 Usage: python scripts/keep_records.py [grid folder ...]   (default: every grid under runs/lcr2 and runs/curves)"""
-import json, subprocess, sys
+import subprocess, sys
 from pathlib import Path
-from fgssl_nb.compare import kept_record, _metric_keys
+from fgssl_nb.compare import kept_record, run_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 KEEP = ('config.json', 'metrics.json', 'log.csv', 'decoder_pairs.png', 'results.csv', 'results.md', 'results.png', 'curves.png', 'errors.json')
@@ -16,7 +16,7 @@ def finished(run: Path) -> bool:
     if kept_record(run): return True
     m, w = run / 'metrics.json', run / 'encoder.pth'
     if not (m.exists() and w.exists()) or m.stat().st_mtime < w.stat().st_mtime: return False
-    return all(k in json.loads(m.read_text()) for k in _metric_keys(('linear', 'knn', 'retrieval')))
+    return run_metrics(run) is not None
 
 def records(grid: Path) -> list[Path]:
     "The files of `grid` worth keeping: its tables and figures, and the small files of its finished runs."

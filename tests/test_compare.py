@@ -15,18 +15,33 @@ def test_failing_entry_is_recorded_and_the_grid_goes_on(birds, tmp_path):
     assert list(df.name) == ['simclr']
     assert 'no option no_such_option' in json.loads((tmp_path / 'errors.json').read_text())['bad seed 0']
     saved = pd.read_csv(tmp_path / 'results.csv')
-    assert list(saved.name) == ['simclr'] and 0 <= saved.linear_top1[0] <= 1
+    assert list(saved.name) == ['simclr'] and 0 <= saved.linear_top1[0] <= 1 and saved.seconds[0] > 0
     # the run's record kept without its weights (as git keeps the published grids): reused, not trained again
     run = tmp_path / 'simclr' / 'seed0'
     for f in ('encoder.pth', 'checkpoint.pth'): (run / f).unlink()
     (run / 'metrics.json').write_text(json.dumps({**json.loads((run / 'metrics.json').read_text()), 'linear_top1': 0.123}))
     again = run_grid(grid[1:], birds, seeds=(0,), out=tmp_path, epochs=1, size=32, bs=8)
     assert again.linear_top1[0] == 0.123 and not (run / 'checkpoint.pth').exists() and not (run / 'encoder.pth').exists()
-    assert pd.read_csv(tmp_path / 'results.csv').linear_top1.tolist() == [0.123]
+    assert again.seconds.isna().all()  # nothing computed now; results.csv keeps the seconds the run was made in
+    assert pd.read_csv(tmp_path / 'results.csv')[['linear_top1', 'seconds']].values.tolist() == [[0.123, saved.seconds[0]]]
     # an incomplete record is no record: trained again, and its old numbers are not reported beside the new weights
     (run / 'metrics.json').write_text(json.dumps(dict(linear_top1=0.123)))
     third = run_grid(grid[1:], birds, seeds=(0,), out=tmp_path, epochs=1, size=32, bs=8)
     assert (run / 'encoder.pth').exists() and third.linear_top1[0] != 0.123 and 'retrieval_map' in third
+
+
+def test_baseline_evaluated_once_per_data(birds, tmp_path):
+    "A baseline's metrics.json on the same data is reused (a kept record is not rewritten); on other data it is evaluated again."
+    grid = [dict(name='random init', encoder='random')]
+    first = run_grid(grid, birds, seeds=(0,), out=tmp_path, size=32, bs=8)
+    f = tmp_path / 'random_init' / 'seed0' / 'metrics.json'
+    before = f.read_text()
+    again = run_grid(grid, birds, seeds=(0,), out=tmp_path, size=32, bs=8)
+    assert f.read_text() == before and again.seconds.isna().all() and again.linear_top1[0] == first.linear_top1[0]
+    assert pd.read_csv(tmp_path / 'results.csv').seconds.tolist() == first.seconds.tolist()
+    f.write_text(json.dumps({**json.loads(before), 'data': '/somewhere/else', 'linear_top1': 2.0}))
+    third = run_grid(grid, birds, seeds=(0,), out=tmp_path, size=32, bs=8)
+    assert third.linear_top1[0] == first.linear_top1[0] and third.seconds[0] > 0 and json.loads(f.read_text())['data'] == str(birds)
 
 
 def test_cli_compare_end_to_end(birds, tmp_path):
