@@ -156,17 +156,14 @@ def run_entry(entry: dict, data='default', seed: int = 0, out='runs/compare', ep
     s = entry_settings(entry, arch, pretrained, size, bs, epochs)
     protocols = tuple(entry.get('protocols', protocols))
     t0, t1 = time.perf_counter(), None  # t1: when this call's evaluation ended (None: the numbers were reused)
-    if entry.get('encoder'):  # an untrained baseline: evaluation only, unless it was evaluated on these data already
+    if entry.get('encoder'):  # an untrained baseline: evaluated every time (seconds; its weights and data are not in its record)
         weights = s['pretrained'] if isinstance(s['pretrained'], str) and entry['encoder'] == 'imagenet' else None
+        m = evaluate_run(encoder=entry['encoder'], arch=s['arch'], data=data, size=s['size'], seed=seed, out=run, protocols=protocols,
+                         skip_bad=skip_bad, device=device, weights=weights)
+        t1 = time.perf_counter()
+    else:  # a training started now (fresh or resumed) has dropped the old metrics.json: what is left is of these weights
+        _pretrain_entry(entry, data, seed, run, s['epochs'], s['size'], s['bs'], precision, s['arch'], s['pretrained'], skip_bad, run_kw, knn=knn)
         m = run_metrics(run, protocols)
-        if m is None or m.get('data') != str(data):
-            m = evaluate_run(encoder=entry['encoder'], arch=s['arch'], data=data, size=s['size'], seed=seed, out=run, protocols=protocols,
-                             skip_bad=skip_bad, device=device, weights=weights)
-            t1 = time.perf_counter()
-    else:  # numbers in metrics.json are reused only when no epoch was trained now
-        trained = _pretrain_entry(entry, data, seed, run, s['epochs'], s['size'], s['bs'], precision, s['arch'], s['pretrained'],
-                                  skip_bad, run_kw, knn=knn) is not None
-        m = None if trained else run_metrics(run, protocols)
         if m is None: m, t1 = evaluate_run(run, data, protocols, skip_bad=skip_bad, device=device), time.perf_counter()
     cfg = json.loads((run / 'config.json').read_text()) if (run / 'config.json').exists() else {}
     # seconds: of this call's training and evaluation; a reused run has none (`_save_rows` keeps the seconds it was made in)
@@ -177,12 +174,12 @@ def run_entry(entry: dict, data='default', seed: int = 0, out='runs/compare', ep
 def _pretrain_entry(entry: dict, data, seed: int, run: Path, epochs: int, size: int, bs: int, precision: str, arch: str,
                     pretrained, skip_bad: bool, run_kw: dict | None = None, dry_run: bool = False, knn: int = 0):
     """Pretrain a resolved grid `entry` (its own settings already applied) into its folder `run`, unless its encoder is there
-    or the folder is a kept record (`kept_record`). A fresh start drops an old `metrics.json`: its numbers are of other weights."""
+    or the folder is a kept record (`kept_record`). A training that starts (fresh or resumed) drops an old `metrics.json`: its numbers are of other weights."""
     if kept_record(run, entry.get('protocols', ('linear', 'knn', 'retrieval'))):
         if dry_run: print(f"{run}: a kept record (metrics.json, no weights): reused, not trained")
         return
     if (run / 'encoder.pth').exists() and not dry_run: return
-    if not dry_run and not (run / 'checkpoint.pth').exists(): (run / 'metrics.json').unlink(missing_ok=True)
+    if not dry_run: (run / 'metrics.json').unlink(missing_ok=True)
     # an entry's own lr is quoted at its own bs, or else at the grid's reference batch 64: scaled (linearly) with --bs
     lr = entry.get('lr') if 'bs' in entry or entry.get('lr') is None else scale_lr(entry['lr'], bs)
     rk = {**(run_kw or {}), **{k: entry[k] for k in RUN_KEYS if k in entry}} if not is_trainer(entry['method']) else {}

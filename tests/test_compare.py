@@ -30,20 +30,6 @@ def test_failing_entry_is_recorded_and_the_grid_goes_on(birds, tmp_path):
     assert (run / 'encoder.pth').exists() and third.linear_top1[0] != 0.123 and 'retrieval_map' in third
 
 
-def test_baseline_evaluated_once_per_data(birds, tmp_path):
-    "A baseline's metrics.json on the same data is reused (a kept record is not rewritten); on other data it is evaluated again."
-    grid = [dict(name='random init', encoder='random')]
-    first = run_grid(grid, birds, seeds=(0,), out=tmp_path, size=32, bs=8)
-    f = tmp_path / 'random_init' / 'seed0' / 'metrics.json'
-    before = f.read_text()
-    again = run_grid(grid, birds, seeds=(0,), out=tmp_path, size=32, bs=8)
-    assert f.read_text() == before and again.seconds.isna().all() and again.linear_top1[0] == first.linear_top1[0]
-    assert pd.read_csv(tmp_path / 'results.csv').seconds.tolist() == first.seconds.tolist()
-    f.write_text(json.dumps({**json.loads(before), 'data': '/somewhere/else', 'linear_top1': 2.0}))
-    third = run_grid(grid, birds, seeds=(0,), out=tmp_path, size=32, bs=8)
-    assert third.linear_top1[0] == first.linear_top1[0] and third.seconds[0] > 0 and json.loads(f.read_text())['data'] == str(birds)
-
-
 def test_cli_compare_end_to_end(birds, tmp_path):
     r = subprocess.run([str(BIN / 'fgssl_compare'), '--grid', 'system1', '--data', str(birds), '--only', 'random init',
                         '--seeds', '0', '1', '--size', '32', '--bs', '8', '--out', str(tmp_path)],
