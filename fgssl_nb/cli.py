@@ -348,7 +348,7 @@ def evaluate_run(run_dir=None, data=None, protocols=('linear', 'knn', 'retrieval
         set_seed(seed)
         enc = create_encoder(arch, pretrained=encoder == 'imagenet', weights=weights if encoder == 'imagenet' else None)
         data, size, out = data or 'default', size or 64, Path(out)
-        desc = dict(encoder=encoder, method=f'{encoder}-init', arch=arch)
+        desc = dict(encoder=encoder, method=f'{encoder}-init', arch=arch, weights=weights if encoder == 'imagenet' else None)
     if 'decoder' in protocols and encoder is not None:
         raise ValueError("--protocols decoder evaluates the decoder of a synth-* run: give its run folder, not --encoder")
     if 'decoder' in protocols and not (run_dir / 'decoder.pth').exists():

@@ -135,11 +135,17 @@ def _expected(entry: dict, arch: str, pretrained, size: int, bs: int, epochs: in
     s = entry_settings(entry, arch, pretrained, size, bs, epochs)
     return dict(arch=s['arch'], size=s['size']) if entry.get('encoder') else s
 
+def _data_name(data) -> str:
+    "A data set's folder (or registry) name, `flowers17` for `../shared/data/flowers17`: how a record's data is compared, from whatever working folder."
+    p = Path(str(data)); return (p.resolve() if p.name in ('', '.', '..') else p).name
+
 def _check_same_setting(run: Path, **want):
-    "Refuse to reuse a run folder made with other settings (its config.json, or a baseline's metrics.json): a table never mixes two."
+    """Refuse to reuse a run folder made with other settings (its config.json, or a baseline's metrics.json): a table never
+    mixes two. `data` is compared by the data set's name (`_data_name`)."""
     f = run / 'config.json' if (run / 'config.json').exists() else run / 'metrics.json'
     if not f.exists(): return
     cfg = json.loads(f.read_text())
+    if 'data' in want: want['data'] = _data_name(want['data']); cfg = {**cfg, 'data': _data_name(cfg['data'])} if 'data' in cfg else cfg
     diff = {k: (cfg[k], v) for k, v in want.items() if k in cfg and cfg[k] != v}
     if diff: raise SettingMismatch(f"{run} was made with " + ', '.join(f"{k}={a!r}" for k, (a, _) in diff.items()) + "; this run asks for "
                                    + ', '.join(f"{k}={b!r}" for k, (_, b) in diff.items()) + ": use another --out")
@@ -152,12 +158,14 @@ def run_entry(entry: dict, data='default', seed: int = 0, out='runs/compare', ep
     pretraining's `log.csv` every `knn` epochs and after the last (0: none; `fgssl_nb.curves` draws it)."""
     entry = resolve_entry(entry, entry.get('pretrained', pretrained))
     run = Path(out) / slug(entry['name']) / f'seed{seed}'
-    _check_same_setting(run, **_expected(entry, arch, pretrained, size, bs, epochs))
+    _check_same_setting(run, data=data, **_expected(entry, arch, pretrained, size, bs, epochs))
     s = entry_settings(entry, arch, pretrained, size, bs, epochs)
     protocols = tuple(entry.get('protocols', protocols))
     t0, t1 = time.perf_counter(), None  # t1: when this call's evaluation ended (None: the numbers were reused)
-    if entry.get('encoder'):  # an untrained baseline: evaluated every time (seconds; its weights and data are not in its record)
+    if entry.get('encoder'):  # an untrained baseline: its complete record reused when of the same weights and images
         weights = s['pretrained'] if isinstance(s['pretrained'], str) and entry['encoder'] == 'imagenet' else None
+        m = run_metrics(run, protocols)
+        if m is not None and _reusable_baseline(m, entry['encoder'], weights, data, skip_bad): return _row(entry, seed, m, {}, None)
         m = evaluate_run(encoder=entry['encoder'], arch=s['arch'], data=data, size=s['size'], seed=seed, out=run, protocols=protocols,
                          skip_bad=skip_bad, device=device, weights=weights)
         t1 = time.perf_counter()
@@ -166,10 +174,22 @@ def run_entry(entry: dict, data='default', seed: int = 0, out='runs/compare', ep
         m = run_metrics(run, protocols)
         if m is None: m, t1 = evaluate_run(run, data, protocols, skip_bad=skip_bad, device=device), time.perf_counter()
     cfg = json.loads((run / 'config.json').read_text()) if (run / 'config.json').exists() else {}
-    # seconds: of this call's training and evaluation; a reused run has none (`_save_rows` keeps the seconds it was made in)
+    return _row(entry, seed, m, cfg, None if t1 is None else t1 - t0)
+
+def _reusable_baseline(m: dict, encoder: str, weights: str | None, data, skip_bad: bool) -> bool:
+    """Whether a baseline's complete record `m` holds the numbers of these weights on these images: an ImageNet record
+    must name its `weights` (a record from before they were kept is evaluated again), and the data's split sizes and
+    images left out (`check_for_run`'s info, as they are now) must be the record's."""
+    from fgssl_nb.check import check_for_run
+    if (encoder == 'imagenet' and 'weights' not in m) or m.get('weights') != weights: return False
+    _, info = check_for_run(data, None, skip_bad=skip_bad, verbose=False)
+    return all(m.get(k) == v for k, v in info.items())
+
+def _row(entry: dict, seed: int, m: dict, cfg: dict, seconds: float | None) -> dict:
+    "A grid's table row; `seconds`: of this call's training and evaluation, None for a reused run (`_save_rows` keeps the seconds it was made in)."
     return dict(name=entry['name'], seed=seed, method=entry.get('method', entry.get('encoder')), epochs=cfg.get('epochs', 0),
                 **{k: v for k, v in m.items() if isinstance(v, float)},
-                seconds=float('nan') if t1 is None else round(t1 - t0, 1))
+                seconds=float('nan') if seconds is None else round(seconds, 1))
 
 def _pretrain_entry(entry: dict, data, seed: int, run: Path, epochs: int, size: int, bs: int, precision: str, arch: str,
                     pretrained, skip_bad: bool, run_kw: dict | None = None, dry_run: bool = False, knn: int = 0):
@@ -243,7 +263,7 @@ def run_grid(grid: str | list[dict], data='default', seeds=(0,), out='runs/compa
     out = Path(out)
     if dry_run: return _dry_run(entries, data, seeds, out, epochs, size, bs, precision, arch, pretrained, run_kw, knn)
     for seed in seeds:  # before anything is computed: a folder made with other settings stops the grid (SettingMismatch)
-        for e in entries: _check_same_setting(out / slug(e['name']) / f'seed{seed}', **_expected(e, arch, pretrained, size, bs, epochs))
+        for e in entries: _check_same_setting(out / slug(e['name']) / f'seed{seed}', data=data, **_expected(e, arch, pretrained, size, bs, epochs))
     out.mkdir(parents=True, exist_ok=True)
     rank0_first(check_for_run, data, out, skip_bad=skip_bad)  # bad data: one report (PreflightError), not one failure per entry
     if world_size() > 1:  # several processes: every pretraining first, together; then rank 0 evaluates alone
@@ -379,7 +399,7 @@ def fgssl_compare(grid: Param(f"which comparison: {', '.join(GRIDS)} (default: s
         print(md)
         import matplotlib.pyplot as plt
         ax = plot_results(s, floor='imagenet (frozen)' if pretrained else 'random init'); ax.figure.savefig(out / 'results.png', dpi=90, bbox_inches='tight'); plt.close(ax.figure)
-        from fgssl_nb.curves import read_curves, plot_curves, crossing_table, table_markdown
+        from fgssl_nb.curves import read_curves, plot_curves, crossing_table, table_markdown, floor_sd
         cur = read_curves(out)
         if knn and cur.attrs['no_monitor']:
             print(f"note: {len(cur.attrs['no_monitor'])} run(s) here were trained without the k-NN monitor and have no curve: "
@@ -388,4 +408,5 @@ def fgssl_compare(grid: Param(f"which comparison: {', '.join(GRIDS)} (default: s
             floor = 'imagenet (frozen)' if pretrained else 'random init'
             floor = floor if (cur[cur.kind == 'baseline'].name == floor).any() else None  # a grid without its floor: curves only
             ax = plot_curves(cur, floor=floor); ax.figure.savefig(out / 'curves.png', dpi=90, bbox_inches='tight'); plt.close(ax.figure)
-            print(table_markdown(crossing_table(cur, floor=floor)))
+            sd = floor_sd(cur, floor, 'knn_top1')  # the floor's spread over its seeds (None: one seed; 0: a fixed encoder)
+            print(table_markdown(crossing_table(cur, floor=floor, clear=2 if sd else 0)))  # and clear of that spread

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np, pandas as pd
 
 # %% auto #0
-__all__ = ['read_curves', 'crossing_epoch', 'crossing_table', 'table_markdown', 'plot_curves']
+__all__ = ['read_curves', 'crossing_epoch', 'floor_sd', 'crossing_table', 'table_markdown', 'plot_curves']
 
 # %% ../nbs/51_curves.ipynb #ed4aa2a5
 def _run_dirs(runs) -> list[Path]:
@@ -70,31 +70,59 @@ def crossing_epoch(epochs, values, floor: float) -> int | None:
     return int(e[below[-1] + 1]) if len(below) else int(e[0])
 
 # %% ../nbs/51_curves.ipynb #7f85ba1e
-def _floor_value(cur: pd.DataFrame, floor, metric: str) -> float | None:
-    "`floor` as a value: a number as it is; 'auto': the only baseline among the runs (None unless there is exactly one); a name: that baseline's mean."
-    if floor is None or isinstance(floor, (int, float)): return floor
+def _is_number(x) -> bool: return isinstance(x, (int, float, np.number)) and not isinstance(x, bool)
+
+def _pct(metric: str) -> int:
+    "100 for the accuracies (top-1 metrics, `accuracy`), drawn and tabled in %; 1 for the others (`feat_std`, `z_std`, losses)."
+    return 100 if metric.endswith('top1') or metric == 'accuracy' else 1
+
+def _floor_runs(cur: pd.DataFrame, floor) -> pd.DataFrame | None:
+    "The rows of the baseline `floor` names ('auto': the only baseline among the runs; None unless there is exactly one)."
     if floor == 'auto':
         names = cur[cur.kind == 'baseline'].name.unique()
         if len(names) != 1: return None
         floor = names[0]
     b = cur[(cur.name == floor) & (cur.kind == 'baseline')]
     if not len(b): raise ValueError(f"no baseline {floor!r} among the runs; baselines: {sorted(set(cur[cur.kind == 'baseline'].name))}")
-    return float(b[metric].mean())
+    return b
 
-def crossing_table(cur: pd.DataFrame, floor='auto', metric: str = 'knn_top1') -> pd.DataFrame:
-    """Per trained entry of `read_curves`' table: seeds, epochs, final and best `metric` (mean over seeds, in %), and the
+def _floor_value(cur: pd.DataFrame, floor, metric: str) -> float | None:
+    "`floor` as a value: a number as it is; a baseline's name (or 'auto', `_floor_runs`): its mean over seeds."
+    if floor is None or _is_number(floor): return float(floor) if floor is not None else None
+    b = _floor_runs(cur, floor)
+    return None if b is None else float(b[metric].mean())
+
+def floor_sd(cur: pd.DataFrame, floor, metric: str) -> float | None:
+    "The standard deviation over seeds of the baseline `floor` names; None for a number, or under 2 seeds."
+    if floor is None or _is_number(floor): return None
+    b = _floor_runs(cur, floor)
+    return float(b[metric].std(ddof=1)) if b is not None and len(b) > 1 else None
+
+def _crossings(g: pd.DataFrame, metric: str, level: float | None) -> str:
+    "Each seed's crossing epoch of `level` ('never', or 'n/a' without a level), comma-separated."
+    if level is None: return ', '.join('n/a' for _ in g.groupby('seed'))
+    cs = [crossing_epoch(s.epoch, s[metric], level) for _, s in g.sort_values('epoch').groupby('seed')]
+    return ', '.join('never' if c is None else str(c) for c in cs)
+
+def crossing_table(cur: pd.DataFrame, floor='auto', metric: str = 'knn_top1', clear: float = 0) -> pd.DataFrame:
+    """Per trained entry of `read_curves`' table: seeds, epochs, final and best `metric` (mean over seeds; accuracies in %), and the
     epoch each seed crossed `floor` for good ('never': it ends at or below it; 'n/a': no floor). `floor`: a baseline's
-    name, a value, None, or 'auto' (the only baseline among the runs)."""
-    fv, rows = _floor_value(cur, floor, metric), []
+    name, a value, None, or 'auto' (the only baseline among the runs). `clear=k` (a baseline of 2 or more seeds): a column
+    more, the epoch from which each seed stays above the floor's mean + k standard deviations over its seeds."""
+    fv, sd, rows = _floor_value(cur, floor, metric), floor_sd(cur, floor, metric), []
+    if clear and sd is None: raise ValueError("clear= needs a floor that is one baseline evaluated for 2 or more seeds "
+                                              "(name it, e.g. floor='random init', where the runs hold several baselines)")
     for name, g in cur[cur.kind == 'curve'].groupby('name', sort=False):
         last = g.sort_values('epoch').groupby('seed').tail(1)
-        cross = [crossing_epoch(s.epoch, s[metric], fv) if fv is not None else 'n/a' for _, s in g.sort_values('epoch').groupby('seed')]
+        k, unit = _pct(metric), ' (%)' if _pct(metric) == 100 else ''
         rows.append({'method': name, 'seeds': g.seed.nunique(), 'epochs': int(g.epoch.max()),
-                     f'final {metric} (%)': round(100 * last[metric].mean(), 1),
-                     f'best {metric} (%)': round(100 * g.groupby('seed')[metric].max().mean(), 1),
-                     'crosses the floor at epoch': ', '.join('never' if c is None else str(c) for c in cross)})
+                     f'final {metric}{unit}': round(k * last[metric].mean(), 1 if k == 100 else 3),
+                     f'best {metric}{unit}': round(k * g.groupby('seed')[metric].max().mean(), 1 if k == 100 else 3),
+                     'crosses the floor at epoch': _crossings(g, metric, fv),
+                     **({f'clear of it (+{clear:g} sd) at epoch': _crossings(g, metric, fv + clear * sd)} if clear else {})})
     df = pd.DataFrame(rows)
     if fv is not None: df.attrs['floor'] = fv
+    if sd is not None: df.attrs['floor_sd'] = sd
     return df
 
 def table_markdown(df: pd.DataFrame) -> str:
@@ -104,23 +132,29 @@ def table_markdown(df: pd.DataFrame) -> str:
 
 # %% ../nbs/51_curves.ipynb #4dc41c6b
 def plot_curves(cur, metric: str = 'knn_top1', floor='auto', ax=None, title: str | None = None):
-    """k-NN top-1 (or another monitored `metric`) against epoch for `read_curves`' table (or the folders to read it
-    from): mean over seeds with the seeds' range; baselines dashed; a dot where the mean curve crossed `floor` for good."""
+    """k-NN top-1 (or another monitored `metric`: accuracies in %, others as logged) against epoch for `read_curves`' table
+    (or the folders to read it from): mean over seeds with the seeds' range; baselines dashed; a dot where the mean curve
+    crossed `floor` for good (a number: drawn as a dashed line). The legend sits right of the axes."""
     import matplotlib.pyplot as plt
     if not isinstance(cur, pd.DataFrame): cur = read_curves(cur)
     ax = ax or plt.subplots(figsize=(7, 4))[1]
-    fv = _floor_value(cur, floor, metric)
+    fv, k = _floor_value(cur, floor, metric), _pct(metric)
     for name, g in cur[cur.kind == 'baseline'].groupby('name', sort=False):
-        ax.axhline(100 * g[metric].mean(), ls='--', lw=1.2, c='0.35' if fv == g[metric].mean() else '0.6', label=f"{name} (untrained)")
+        if g[metric].isna().all(): continue  # a baseline's record without this metric
+        c, n = '0.35' if fv == g[metric].mean() else '0.6', g.seed.nunique()
+        ax.axhline(k * g[metric].mean(), ls='--', lw=1.2, c=c, label=f"{name} (untrained{f', {n} seeds' if n > 1 else ''})")
+        if n > 1: ax.axhspan(k * g[metric].min(), k * g[metric].max(), color=c, alpha=0.12, lw=0)
+    if _is_number(floor): ax.axhline(k * floor, ls='--', lw=1.2, c='0.35', label=f"floor ({k * floor:.1f})")
     for i, (name, g) in enumerate(cur[cur.kind == 'curve'].groupby('name', sort=False)):
         s = g.groupby('epoch')[metric].agg(['mean', 'min', 'max'])
-        (line,) = ax.plot(s.index, 100 * s['mean'], lw=1.5, label=name + (f" ({g.seed.nunique()} seeds)" if g.seed.nunique() > 1 else ''), c=f'C{i % 10}')
-        if g.seed.nunique() > 1: ax.fill_between(s.index, 100 * s['min'], 100 * s['max'], color=line.get_color(), alpha=0.15, lw=0)
+        (line,) = ax.plot(s.index, k * s['mean'], lw=1.5, label=name + (f" ({g.seed.nunique()} seeds)" if g.seed.nunique() > 1 else ''), c=f'C{i % 10}')
+        if g.seed.nunique() > 1: ax.fill_between(s.index, k * s['min'], k * s['max'], color=line.get_color(), alpha=0.15, lw=0)
         c = crossing_epoch(s.index, s['mean'], fv) if fv is not None else None
-        if c is not None: ax.plot([c], [100 * s['mean'][c]], 'o', c=line.get_color(), ms=5)
+        if c is not None: ax.plot([c], [k * s['mean'][c]], 'o', c=line.get_color(), ms=5)
     from matplotlib.ticker import MaxNLocator
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel('epoch'); ax.set_ylabel(f"{'k-NN top-1' if metric == 'knn_top1' else metric} on the test split (%)")
+    label = 'k-NN top-1' if metric == 'knn_top1' else metric
+    ax.set_xlabel('epoch'); ax.set_ylabel(f"{label} on the test split" + (' (%)' if k == 100 else ''))
     if title: ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc='best'); ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1)); ax.grid(alpha=0.3)
     return ax

@@ -1,5 +1,6 @@
 "The comparison runner: a failing entry does not lose the others, a re-run trains nothing, the CLI prints the table."
 import json, subprocess, sys
+import pytest
 from pathlib import Path
 import pandas as pd
 from fgssl_nb.compare import run_grid, summarize, results_markdown
@@ -28,6 +29,12 @@ def test_failing_entry_is_recorded_and_the_grid_goes_on(birds, tmp_path):
     (run / 'metrics.json').write_text(json.dumps(dict(linear_top1=0.123)))
     third = run_grid(grid[1:], birds, seeds=(0,), out=tmp_path, epochs=1, size=32, bs=8)
     assert (run / 'encoder.pth').exists() and third.linear_top1[0] != 0.123 and 'retrieval_map' in third
+    # a training that resumes (checkpoint.pth, no encoder.pth) drops the old numbers, complete or not: they are of other weights
+    (run / 'encoder.pth').unlink()
+    (run / 'metrics.json').write_text(json.dumps({**json.loads((run / 'metrics.json').read_text()), 'linear_top1': 0.123}))
+    fourth = run_grid(grid[1:], birds, seeds=(0,), out=tmp_path, epochs=1, size=32, bs=8)
+    assert (run / 'encoder.pth').exists() and fourth.linear_top1[0] != 0.123 and fourth.seconds[0] > 0
+    assert json.loads((run / 'metrics.json').read_text())['linear_top1'] == fourth.linear_top1[0]
 
 
 def test_cli_compare_end_to_end(birds, tmp_path):
@@ -82,3 +89,40 @@ def test_only_with_no_match_lists_the_entries(tmp_path):
     r = subprocess.run([str(BIN / 'fgssl_compare'), '--grid', 'system2', '--only', 'synth-moco', 'moco', '--out', str(tmp_path / 'g')],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count('\n') == 1 and "'synth-moco (gradcam)'" in r.stderr
+
+
+def test_baseline_record_is_reused_only_for_its_data_and_weights(birds, tmp_path):
+    "A complete baseline record is reused (nothing evaluated, the file untouched); another data set in the same --out is refused."
+    import shutil, pytest
+    from fgssl_nb.compare import SettingMismatch
+    grid = [dict(name='random init', encoder='random')]
+    first = run_grid(grid, birds, seeds=(0,), out=tmp_path / 'o', size=32)
+    rec = tmp_path / 'o' / 'random_init' / 'seed0' / 'metrics.json'
+    m = json.loads(rec.read_text()); assert m['weights'] is None and first.seconds[0] > 0
+    rec.write_text(json.dumps({**m, 'knn_top1': 0.777}))            # a mark: reused numbers come from this file
+    # the same data set reached by another path (as from nbs/ or another working folder): reused
+    other_path = tmp_path / 'link'; other_path.mkdir(); (other_path / birds.name).symlink_to(birds)
+    again = run_grid(grid, other_path / birds.name, seeds=(0,), out=tmp_path / 'o', size=32)
+    assert again.knn_top1[0] == 0.777 and again.seconds.isna().all() and json.loads(rec.read_text())['knn_top1'] == 0.777
+    # a record of other weights (here V1 ImageNet weights, where none are asked for) is evaluated again
+    rec.write_text(json.dumps({**m, 'knn_top1': 0.777, 'weights': 'V1'}))
+    third = run_grid(grid, birds, seeds=(0,), out=tmp_path / 'o', size=32)
+    assert third.knn_top1[0] == pytest.approx(m['knn_top1'], abs=1e-9) and json.loads(rec.read_text())['weights'] is None
+    # another data set into the same folder: refused before anything is computed, the record kept
+    d = shutil.copytree(birds, tmp_path / 'other_birds')
+    with pytest.raises(SettingMismatch, match=f"data={birds.name!r}; this run asks for data='other_birds'"):
+        run_grid(grid, d, seeds=(0,), out=tmp_path / 'o', size=32)
+    assert json.loads(rec.read_text())['knn_top1'] == m['knn_top1']
+
+
+def test_an_imagenet_record_must_name_its_weights(birds):
+    "An ImageNet baseline's record from before the weights were kept is not reused; one with other split sizes neither."
+    from fgssl_nb.compare import _reusable_baseline
+    from fgssl_nb.check import check_for_run
+    _, info = check_for_run(birds, None, verbose=False)
+    rec = dict(linear_top1=0.5, **info)
+    assert not _reusable_baseline(rec, 'imagenet', None, birds, False)              # no 'weights' key: evaluated again
+    assert _reusable_baseline({**rec, 'weights': None}, 'imagenet', None, birds, False)
+    assert not _reusable_baseline({**rec, 'weights': 'V1'}, 'imagenet', 'V2', birds, False)
+    assert _reusable_baseline(rec, 'random', None, birds, False)                    # a random encoder has no weights to name
+    assert not _reusable_baseline({**rec, 'n_test': info['n_test'] - 1}, 'random', None, birds, False)  # other images

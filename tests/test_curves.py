@@ -43,6 +43,7 @@ def test_compare_draws_the_curves_and_prints_the_crossings(birds, tmp_path):
     assert r.returncode == 0, r.stderr[-800:]
     assert (tmp_path / 'curves.png').exists() and 'k-NN monitor every 1 epoch(s)' in r.stdout
     assert '| crosses the floor at epoch |' in r.stdout and '| simclr ' in r.stdout
+    assert 'clear of it' not in r.stdout  # a floor of one seed has no spread to clear
     from fgssl_nb.curves import read_curves, crossing_table
     cur = read_curves(tmp_path)
     assert sorted(cur[cur.name == 'simclr'].epoch) == [1, 2] and cur[cur.kind == 'baseline'].name.tolist() == ['random init']
@@ -55,6 +56,16 @@ def test_compare_draws_the_curves_and_prints_the_crossings(birds, tmp_path):
     assert c in ('never', '1', '2')
     log = cur[cur.name == 'simclr'].set_index('epoch').knn_top1  # the table's crossing, recomputed from the two values
     assert c == ('never' if log[2] <= res.knn_top1['random init'] else '1' if log[1] > res.knn_top1['random init'] else '2')
+    # the floor evaluated for a second seed: the table adds the epoch each run clears the floor's mean + 2 sd over its seeds
+    rec0 = tmp_path / 'random_init' / 'seed0' / 'metrics.json'; before = rec0.read_text()
+    r = _run('fgssl_compare', '--grid', 'curves', '--only', 'random init', '--seeds', 0, 1, '--data', birds, '--size', 32, '--bs', 8,
+             '--epochs', 2, '--knn_every', 1, '--out', tmp_path)
+    assert r.returncode == 0, r.stderr[-800:]
+    assert rec0.read_text() == before  # seed 0's record reused, not evaluated again
+    fl = pd.read_csv(tmp_path / 'results.csv').query("name == 'random init'").knn_top1
+    level = fl.mean() + 2 * fl.std(ddof=1)
+    want = 'never' if log[2] <= level else '1' if log[1] > level else '2'
+    assert '| clear of it (+2 sd) at epoch |' in r.stdout and r.stdout.rstrip().splitlines()[-1].endswith(f' | {want} |')
 
 
 def test_compare_without_the_floor_or_the_monitor(birds, tmp_path):

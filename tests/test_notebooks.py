@@ -10,7 +10,7 @@ sys.path.insert(0, str(ROOT / 'scripts'))
 # calls that draw a figure in the notebook (not into a file only)
 DRAWS = re.compile(r"plt\.(subplots|figure|imshow|plot|bar|hist|scatter)\(|\.show_batch\(|\.plot_loss\(|\bshow_cam\(|\bcam_grid\("
                    r"|\bpair_grid\(|\bplot_results\(|\bfeature_densities\(|\bvariance_spectrum\(|\btsne_plot\(|\bplot_label_efficiency\("
-                   r"|\bshow_views\(|\.plot\(")
+                   r"|\bshow_views\(|\.plot\(|\bplot_curves\(")
 
 
 def _code_cells(p):
@@ -31,7 +31,7 @@ def test_every_figure_cell_has_an_image():
 
 
 def test_the_detector_sees_figures():  # the test above can fail: these sources draw, these do not
-    assert _draws("fig, ax = plt.subplots(1, 2)") and _draws("#| slow\nlearn.recorder.plot_loss()") and _draws("dls.show_batch(max_n=8)")
+    assert _draws("fig, ax = plt.subplots(1, 2)") and _draws("ax = plot_curves(cur, floor=None)") and _draws("#| slow\nlearn.recorder.plot_loss()") and _draws("dls.show_batch(max_n=8)")
     assert not _draws("#| export\ndef f(): plt.subplots()") and not _draws("x = 1  # plt.subplots(")
 
 
