@@ -214,6 +214,19 @@ def kept_record(run: Path, protocols=('linear', 'knn', 'retrieval')) -> bool:
     if (run / 'encoder.pth').exists() or (run / 'checkpoint.pth').exists(): return False
     return run_metrics(run, protocols) is not None
 
+def _check_trained_on(run: Path, info: dict, protocols=('linear', 'knn', 'retrieval')):
+    """Refuse a finished run whose numbers a grid would reuse (a kept record, or an encoder with its metrics) when its
+    training saw other images than the data hold now: its config.json's `data_check` against `check_for_run`'s `info`
+    (split sizes, images left out), on the keys both have. A training that will resume is not refused (it warns)."""
+    f = run / 'config.json'
+    if not f.exists() or run_metrics(run, protocols) is None: return
+    if (run / 'checkpoint.pth').exists() and not (run / 'encoder.pth').exists(): return
+    then = json.loads(f.read_text()).get('data_check') or {}
+    diff = {k: (then[k], v) for k, v in info.items() if k in then and then[k] != v}
+    if diff: raise SettingMismatch(f"{run} holds the numbers of a training on other images ("
+                                   + ', '.join(f"{k}: {a} then, {b} now" for k, (a, b) in diff.items())
+                                   + "): use another --out, or delete the folder to train it again")
+
 def run_metrics(run: Path, protocols=('linear', 'knn', 'retrieval')) -> dict | None:
     "`run/metrics.json` when it holds every number of `protocols`, else None: the one test of 'evaluated' that grids and `scripts/keep_records.py` share."
     f, keys = Path(run) / 'metrics.json', _metric_keys(protocols)
@@ -265,7 +278,10 @@ def run_grid(grid: str | list[dict], data='default', seeds=(0,), out='runs/compa
     for seed in seeds:  # before anything is computed: a folder made with other settings stops the grid (SettingMismatch)
         for e in entries: _check_same_setting(out / slug(e['name']) / f'seed{seed}', data=data, **_expected(e, arch, pretrained, size, bs, epochs))
     out.mkdir(parents=True, exist_ok=True)
-    rank0_first(check_for_run, data, out, skip_bad=skip_bad)  # bad data: one report (PreflightError), not one failure per entry
+    _, info = rank0_first(check_for_run, data, out, skip_bad=skip_bad)  # bad data: one report (PreflightError), not one failure per entry
+    for seed in seeds:  # numbers of a training on other images would be reused: stop before anything is computed
+        for e in (e for e in entries if e.get('method')):
+            _check_trained_on(out / slug(e['name']) / f'seed{seed}', info, e.get('protocols', ('linear', 'knn', 'retrieval')))
     if world_size() > 1:  # several processes: every pretraining first, together; then rank 0 evaluates alone
         for seed in seeds:
             for e in (e for e in entries if e.get('method')):

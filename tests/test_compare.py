@@ -25,6 +25,15 @@ def test_failing_entry_is_recorded_and_the_grid_goes_on(birds, tmp_path):
     assert again.linear_top1[0] == 0.123 and not (run / 'checkpoint.pth').exists() and not (run / 'encoder.pth').exists()
     assert again.seconds.isna().all()  # nothing computed now; results.csv keeps the seconds the run was made in
     assert pd.read_csv(tmp_path / 'results.csv')[['linear_top1', 'seconds']].values.tolist() == [[0.123, saved.seconds[0]]]
+    # a record of a training on other images (its config.json's data_check: one training image fewer) is refused, kept as it was
+    from fgssl_nb.compare import SettingMismatch
+    cfg_file = run / 'config.json'; cfg = json.loads(cfg_file.read_text())
+    n = cfg['data_check']['n_train']
+    cfg_file.write_text(json.dumps({**cfg, 'data_check': {**cfg['data_check'], 'n_train': n - 1}}))
+    with pytest.raises(SettingMismatch, match=f"on other images \\(n_train: {n - 1} then, {n} now\\)"):
+        run_grid(grid[1:], birds, seeds=(0,), out=tmp_path, epochs=1, size=32, bs=8)
+    assert json.loads((run / 'metrics.json').read_text())['linear_top1'] == 0.123 and not (run / 'encoder.pth').exists()
+    cfg_file.write_text(json.dumps(cfg))
     # an incomplete record is no record: trained again, and its old numbers are not reported beside the new weights
     (run / 'metrics.json').write_text(json.dumps(dict(linear_top1=0.123)))
     third = run_grid(grid[1:], birds, seeds=(0,), out=tmp_path, epochs=1, size=32, bs=8)
