@@ -215,17 +215,17 @@ def kept_record(run: Path, protocols=('linear', 'knn', 'retrieval')) -> bool:
     return run_metrics(run, protocols) is not None
 
 def _check_trained_on(run: Path, info: dict, protocols=('linear', 'knn', 'retrieval')):
-    """Refuse a finished run whose numbers a grid would reuse (a kept record, or an encoder with its metrics) when its
-    training saw other images than the data hold now: its config.json's `data_check` against `check_for_run`'s `info`
-    (split sizes, images left out), on the keys both have. A training that will resume is not refused (it warns)."""
+    """Refuse a finished training that a grid would not train again (a kept record, `kept_record`, or a run with its
+    `encoder.pth`) when it was made on data of other split sizes or images left out than the data have now: its
+    config.json's `data_check` against `check_for_run`'s `info`, on the keys both have. These are counts: an image
+    edited in place goes unnoticed. A training that will resume (checkpoint.pth, no encoder.pth) is not refused; it warns."""
     f = run / 'config.json'
-    if not f.exists() or run_metrics(run, protocols) is None: return
-    if (run / 'checkpoint.pth').exists() and not (run / 'encoder.pth').exists(): return
+    if not f.exists() or not ((run / 'encoder.pth').exists() or kept_record(run, protocols)): return
     then = json.loads(f.read_text()).get('data_check') or {}
     diff = {k: (then[k], v) for k, v in info.items() if k in then and then[k] != v}
-    if diff: raise SettingMismatch(f"{run} holds the numbers of a training on other images ("
+    if diff: raise SettingMismatch(f"{run} holds a training on other data ("
                                    + ', '.join(f"{k}: {a} then, {b} now" for k, (a, b) in diff.items())
-                                   + "): use another --out, or delete the folder to train it again")
+                                   + "): use another out folder (--out), or move this one away to train it again")
 
 def run_metrics(run: Path, protocols=('linear', 'knn', 'retrieval')) -> dict | None:
     "`run/metrics.json` when it holds every number of `protocols`, else None: the one test of 'evaluated' that grids and `scripts/keep_records.py` share."

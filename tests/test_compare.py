@@ -30,7 +30,7 @@ def test_failing_entry_is_recorded_and_the_grid_goes_on(birds, tmp_path):
     cfg_file = run / 'config.json'; cfg = json.loads(cfg_file.read_text())
     n = cfg['data_check']['n_train']
     cfg_file.write_text(json.dumps({**cfg, 'data_check': {**cfg['data_check'], 'n_train': n - 1}}))
-    with pytest.raises(SettingMismatch, match=f"on other images \\(n_train: {n - 1} then, {n} now\\)"):
+    with pytest.raises(SettingMismatch, match=f"a training on other data \\(n_train: {n - 1} then, {n} now\\)"):
         run_grid(grid[1:], birds, seeds=(0,), out=tmp_path, epochs=1, size=32, bs=8)
     assert json.loads((run / 'metrics.json').read_text())['linear_top1'] == 0.123 and not (run / 'encoder.pth').exists()
     cfg_file.write_text(json.dumps(cfg))
@@ -38,6 +38,14 @@ def test_failing_entry_is_recorded_and_the_grid_goes_on(birds, tmp_path):
     (run / 'metrics.json').write_text(json.dumps(dict(linear_top1=0.123)))
     third = run_grid(grid[1:], birds, seeds=(0,), out=tmp_path, epochs=1, size=32, bs=8)
     assert (run / 'encoder.pth').exists() and third.linear_top1[0] != 0.123 and 'retrieval_map' in third
+    # an encoder trained on other data is refused too, its metrics complete or not (they would be of two data sets)
+    cfg = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**cfg, 'data_check': {**cfg['data_check'], 'n_train': n - 1}}))
+    (run / 'metrics.json').write_text(json.dumps(dict(linear_top1=0.5)))
+    with pytest.raises(SettingMismatch, match='a training on other data'):
+        run_grid(grid[1:], birds, seeds=(0,), out=tmp_path, epochs=1, size=32, bs=8)
+    assert (run / 'encoder.pth').exists()
+    cfg_file.write_text(json.dumps(cfg))
     # a training that resumes (checkpoint.pth, no encoder.pth) drops the old numbers, complete or not: they are of other weights
     (run / 'encoder.pth').unlink()
     (run / 'metrics.json').write_text(json.dumps({**json.loads((run / 'metrics.json').read_text()), 'linear_top1': 0.123}))
