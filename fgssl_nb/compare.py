@@ -170,6 +170,8 @@ def run_entry(entry: dict, data='default', seed: int = 0, out='runs/compare', ep
                          skip_bad=skip_bad, device=device, weights=weights)
         t1 = time.perf_counter()
     else:  # a training started now (fresh or resumed) has dropped the old metrics.json: what is left is of these weights
+        from fgssl_nb.check import check_for_run  # called alone (not from `run_grid`): numbers of a training on other images are refused here
+        _check_trained_on(run, check_for_run(data, None, skip_bad=skip_bad, verbose=False)[1], protocols)
         _pretrain_entry(entry, data, seed, run, s['epochs'], s['size'], s['bs'], precision, s['arch'], s['pretrained'], skip_bad, run_kw, knn=knn)
         m = run_metrics(run, protocols)
         if m is None: m, t1 = evaluate_run(run, data, protocols, skip_bad=skip_bad, device=device), time.perf_counter()

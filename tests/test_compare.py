@@ -1,5 +1,5 @@
 "The comparison runner: a failing entry does not lose the others, a re-run trains nothing, the CLI prints the table."
-import json, subprocess, sys
+import json, shutil, subprocess, sys
 import pytest
 from pathlib import Path
 import pandas as pd
@@ -44,7 +44,10 @@ def test_failing_entry_is_recorded_and_the_grid_goes_on(birds, tmp_path):
     (run / 'metrics.json').write_text(json.dumps(dict(linear_top1=0.5)))
     with pytest.raises(SettingMismatch, match='a training on other data'):
         run_grid(grid[1:], birds, seeds=(0,), out=tmp_path, epochs=1, size=32, bs=8)
-    assert (run / 'encoder.pth').exists()
+    from fgssl_nb.compare import run_entry  # one entry run on its own is refused the same way
+    with pytest.raises(SettingMismatch, match='a training on other data'):
+        run_entry(grid[1], birds, seed=0, out=tmp_path, epochs=1, size=32, bs=8)
+    assert (run / 'encoder.pth').exists() and json.loads((run / 'metrics.json').read_text()) == dict(linear_top1=0.5)
     cfg_file.write_text(json.dumps(cfg))
     # a training that resumes (checkpoint.pth, no encoder.pth) drops the old numbers, complete or not: they are of other weights
     (run / 'encoder.pth').unlink()
@@ -84,7 +87,6 @@ def test_write_error_stops_the_grid(birds, tmp_path, monkeypatch):
 
 
 def test_bad_data_stop_the_grid_before_the_first_entry(birds, tmp_path):
-    import shutil, pytest
     from fgssl_nb.check import PreflightError
     d = shutil.copytree(birds, tmp_path / 'd')
     img = sorted((d / 'images').rglob('*.jpg'))[0]; img.write_bytes(b'\x00' * 100)
@@ -110,7 +112,6 @@ def test_only_with_no_match_lists_the_entries(tmp_path):
 
 def test_baseline_record_is_reused_only_for_its_data_and_weights(birds, tmp_path):
     "A complete baseline record is reused (nothing evaluated, the file untouched); another data set in the same --out is refused."
-    import shutil, pytest
     from fgssl_nb.compare import SettingMismatch
     grid = [dict(name='random init', encoder='random')]
     first = run_grid(grid, birds, seeds=(0,), out=tmp_path / 'o', size=32)
