@@ -240,8 +240,9 @@ def train_pmg(ds, out, *, arch: str = 'resnet18', pretrained: bool = False, size
               epochs: int = 30, lr: float | None = None, seed: int = 0, resume: bool = False, precision: str = 'auto',
               workers: int | None = None, progress: bool | None = None, config: dict | None = None, views=None,
               width: float = 1.0, scale: tuple[float, float] = (0.5, 1.0), wd: float = 2e-3,
-              encoder_lr_mult: float | None = None, cbs: list | None = None) -> Learner:
-    "Train PMG on the labelled train split of `ds` into `out`; `metrics.json` gets `supervised_top1` (summed heads) and `pmg_concat_top1`."
+              encoder_lr_mult: float | None = None, cbs: list | None = None, knn_every: int = 0) -> Learner:
+    """Train PMG on the labelled train split of `ds` into `out`; `metrics.json` gets `supervised_top1` (summed heads) and `pmg_concat_top1`.
+    `knn_every`: the k-NN monitor of its encoder after every N-th epoch and the last (0: none), as in `train_supervised`."""
     _no_views(views, 'pmg')
     if size % 8: raise ValueError(f"pmg needs --size divisible by 8 (its 8×8 jigsaw grid), got {size}")
     ds = _check_labeled(ds, bs)
@@ -250,6 +251,7 @@ def train_pmg(ds, out, *, arch: str = 'resnet18', pretrained: bool = False, size
     learn = pmg_learner(dls, arch, pretrained, size, width, scale, lr=lr or 2e-3, wd=wd, encoder_lr_mult=encoder_lr_mult,
                         precision=precision, run_dir=out)
     if cbs: learn.add_cbs(cbs)
+    if knn_every: learn.metrics = [*learn.metrics, *knn_metrics(learn, labeled_dls(ds, size=size, bs=bs, num_workers=workers, verify=None), every=knn_every)]
     cfg = dict(config or {}, method='pmg', arch=arch, pretrained=pretrained, size=size, bs=bs, seed=seed, width=width,
                scale=scale, wd=wd, encoder_lr_mult=encoder_lr_mult, n_train=len(ds.train_idxs))
     return _fit_run(learn, out, epochs, lr or learn.run_state.default_lr, resume, progress, cfg, ['supervised_top1', 'pmg_concat_top1'])

@@ -103,3 +103,13 @@ def test_a_resumed_log_keeps_its_rows_under_new_columns(tmp_path):
     assert df.knn_top1.tolist() == [0.25, 0.5] and df.feat_std.isna().all() and df.time.tolist() == ['00:10', '00:09']
     realign_log(f, ['epoch', 'train_loss', 'time'])  # the monitor dropped: its columns go, the rest line up
     assert pd.read_csv(f).columns.tolist() == ['epoch', 'train_loss', 'time'] and pd.read_csv(f).time.tolist() == ['00:10', '00:09']
+
+
+def test_pmg_monitor_reads_its_encoder(birds, tmp_path):
+    "PMG's k-NN monitor (the system 1 grid's curves) measures the encoder it saves: its last value is fgssl_eval's k-NN top-1."
+    from fgssl_nb.cli import pretrain_run, evaluate_run
+    pretrain_run('pmg', birds, size=32, bs=8, epochs=2, knn=1, out=tmp_path / 'p', progress=False, precision='fp32', width=0.25)
+    log = pd.read_csv(tmp_path / 'p' / 'log.csv')
+    assert log.knn_top1.notna().all() and log.feat_std.notna().all()
+    m = evaluate_run(tmp_path / 'p', birds, ('knn',))
+    assert abs(log.knn_top1.iloc[-1] - m['knn_top1']) < 1e-6
