@@ -31,8 +31,9 @@ def _grid_names(grid: Path) -> dict[str, str]:
 
 def read_curves(runs, metrics=('knn_top1', 'feat_std')) -> pd.DataFrame:
     """One row per measured epoch of each run in `runs` (grid folders and/or run folders): `name`, `seed`, `epoch`
-    (epochs done), `kind` ('curve', or 'baseline' for an evaluated-only encoder, at epoch 0) and `metrics`; a grid's entries
-    in its `results.csv` order. With several grids, each name is prefixed by its grid's folder ('flowers17/simclr').
+    (epochs done), `of` (the epochs the run was started for, from its `config.json`; NaN where unknown: a run whose last
+    measured epoch is under it is still training, or stopped), `kind` ('curve', or 'baseline' for an evaluated-only
+    encoder, at epoch 0) and `metrics`; a grid's entries in its `results.csv` order. With several grids, each name is prefixed by its grid's folder ('flowers17/simclr').
     `attrs['no_monitor']`: the trained runs whose `log.csv` has no `metrics[0]` (trained without the monitor)."""
     rows, no_monitor, order = [], [], {}
     dirs = _run_dirs(runs)
@@ -44,18 +45,19 @@ def read_curves(runs, metrics=('knn_top1', 'feat_std')) -> pd.DataFrame:
         if seeded(d) and len(grids) > 1: name = f"{d.parent.parent.name}/{name}"
         rank = list(names).index(d.parent.name) if d.parent.name in names else len(names)  # results.csv's order, then the rest
         order.setdefault(name, (rank, len(order)))
-        seed = int(d.name[4:]) if seeded(d) else json.loads((d / 'config.json').read_text()).get('seed', 0) if (d / 'config.json').exists() else 0
+        cfg = json.loads((d / 'config.json').read_text()) if (d / 'config.json').exists() else {}
+        seed, of = int(d.name[4:]) if seeded(d) else cfg.get('seed', 0), cfg.get('epochs', np.nan)
         log = d / 'log.csv'
         if log.exists() and log.stat().st_size:
             df = pd.read_csv(log)
             if metrics[0] not in df: no_monitor.append(str(d)); continue
             df = df[df[metrics[0]].notna()]
             for _, r in df.iterrows():
-                rows.append(dict(name=name, seed=seed, epoch=int(r['epoch']) + 1, kind='curve', **{m: r.get(m, np.nan) for m in metrics}))
+                rows.append(dict(name=name, seed=seed, epoch=int(r['epoch']) + 1, of=of, kind='curve', **{m: r.get(m, np.nan) for m in metrics}))
         elif (d / 'metrics.json').exists() and not (d / 'config.json').exists():  # a baseline: evaluated, never trained
             m = json.loads((d / 'metrics.json').read_text())
-            if metrics[0] in m: rows.append(dict(name=name, seed=seed, epoch=0, kind='baseline', **{k: m.get(k, np.nan) for k in metrics}))
-    df = pd.DataFrame(rows, columns=['name', 'seed', 'epoch', 'kind', *metrics]).astype({m: float for m in metrics})
+            if metrics[0] in m: rows.append(dict(name=name, seed=seed, epoch=0, of=np.nan, kind='baseline', **{k: m.get(k, np.nan) for k in metrics}))
+    df = pd.DataFrame(rows, columns=['name', 'seed', 'epoch', 'of', 'kind', *metrics]).astype({'of': float, **{m: float for m in metrics}})
     df = df.iloc[sorted(range(len(df)), key=lambda i: (order[df.name.iloc[i]], df.seed.iloc[i], df.epoch.iloc[i]))].reset_index(drop=True)
     df.attrs['no_monitor'] = no_monitor
     return df
@@ -98,29 +100,42 @@ def floor_sd(cur: pd.DataFrame, floor, metric: str) -> float | None:
     b = _floor_runs(cur, floor)
     return float(b[metric].std(ddof=1)) if b is not None and len(b) > 1 else None
 
-def _crossings(g: pd.DataFrame, metric: str, level: float | None) -> str:
-    "Each seed's crossing epoch of `level` ('never', or 'n/a' without a level), comma-separated."
+def _crossings(g: pd.DataFrame, metric: str, level: float | None, running=()) -> str:
+    "Each seed's crossing epoch of `level` ('never'; 'not yet' for a seed in `running`; 'n/a' without a level), comma-separated."
     if level is None: return ', '.join('n/a' for _ in g.groupby('seed'))
-    cs = [crossing_epoch(s.epoch, s[metric], level) for _, s in g.sort_values('epoch').groupby('seed')]
-    return ', '.join('never' if c is None else str(c) for c in cs)
+    cs = {k: crossing_epoch(s.epoch, s[metric], level) for k, s in g.sort_values('epoch').groupby('seed')}
+    return ', '.join(str(c) if c is not None else 'not yet' if k in running else 'never' for k, c in cs.items())
+
+def _running(g: pd.DataFrame) -> tuple[pd.Series, pd.Series, list]:
+    "Per seed of one method's rows: last measured epoch, epochs it was started for, and the seeds still short of them."
+    done = g.groupby('seed').epoch.max()
+    of = g.groupby('seed')['of'].max() if 'of' in g else pd.Series(np.nan, index=done.index)
+    return done, of, [k for k in done.index if of[k] == of[k] and done[k] < of[k]]
 
 def crossing_table(cur: pd.DataFrame, floor='auto', metric: str = 'knn_top1', clear: float = 0) -> pd.DataFrame:
     """Per trained entry of `read_curves`' table: seeds, epochs, final and best `metric` (mean over seeds; accuracies in %), and the
     epoch each seed crossed `floor` for good ('never': it ends at or below it; 'n/a': no floor). `floor`: a baseline's
     name, a value, None, or 'auto' (the only baseline among the runs). `clear=k` (a baseline of 2 or more seeds): a column
-    more, the epoch from which each seed stays above the floor's mean + k standard deviations over its seeds."""
+    more, the epoch from which each seed stays above the floor's mean + k standard deviations over its seeds.
+    A seed still training (its last measured epoch under the epochs it was started for, `read_curves`' `of`) is left out
+    of a method's numbers while the method has a finished seed, and listed in a column 'still training'; a method
+    with no finished seed shows where its runs are, their crossings 'not yet' instead of 'never'."""
     fv, sd, rows = _floor_value(cur, floor, metric), floor_sd(cur, floor, metric), []
     if clear and sd is None: raise ValueError("clear= needs a floor that is one baseline evaluated for 2 or more seeds "
                                               "(name it, e.g. floor='random init', where the runs hold several baselines)")
     for name, g in cur[cur.kind == 'curve'].groupby('name', sort=False):
+        done, of, running = _running(g)
+        if len(running) < len(done): g = g[~g.seed.isin(running)]
         last = g.sort_values('epoch').groupby('seed').tail(1)
         k, unit = _pct(metric), ' (%)' if _pct(metric) == 100 else ''
         rows.append({'method': name, 'seeds': g.seed.nunique(), 'epochs': int(g.epoch.max()),
                      f'final {metric}{unit}': round(k * last[metric].mean(), 1 if k == 100 else 3),
                      f'best {metric}{unit}': round(k * g.groupby('seed')[metric].max().mean(), 1 if k == 100 else 3),
-                     'crosses the floor at epoch': _crossings(g, metric, fv),
-                     **({f'clear of it (+{clear:g} sd) at epoch': _crossings(g, metric, fv + clear * sd)} if clear else {})})
+                     'crosses the floor at epoch': _crossings(g, metric, fv, running),
+                     **({f'clear of it (+{clear:g} sd) at epoch': _crossings(g, metric, fv + clear * sd, running)} if clear else {}),
+                     'still training': ', '.join(f"seed {k}: epoch {done[k]} of {int(of[k])}" for k in running)})
     df = pd.DataFrame(rows)
+    if 'still training' in df and not df['still training'].astype(bool).any(): df = df.drop(columns='still training')
     if fv is not None: df.attrs['floor'] = fv
     if sd is not None: df.attrs['floor_sd'] = sd
     return df
