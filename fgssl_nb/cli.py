@@ -133,7 +133,7 @@ def pretrain_run(method: str = 'simclr', data='default', arch: str = 'resnet18',
     SSL methods: `ssl_holdout`, the fraction of the pretext pool held out for a validation loss (0: train on all of it);
     `crop_from`, the side the views' random crops are cut from, as a multiple of `size`. `knn`: the k-NN monitor on the
     test split (`fgssl_nb.learner.knn_metrics`) after every epoch (True), every `knn`-th epoch and the last (an int), or never
-    (False, 0); the supervised trainer takes it too. `dry_run`: print the resolved
+    (False, 0); the supervised and PMG trainers take it too (SRGAN has none). `dry_run`: print the resolved
     configuration (`config.json` as it would be written) and return it, touching nothing."""
     from fastai.torch_core import set_seed
     from fgssl_nb.learner import ssl_learner, pretrain
@@ -246,7 +246,7 @@ def fgssl_pretrain(method: Param(f"SSL method: {', '.join(method_names('ssl'))};
                    precision: Param("auto (bf16 where the hardware is fast at it), fp32 (exact), bf16, fp16 (CUDA)", str) = 'auto',
                    workers: Param("DataLoader workers (default: min(4, cores))", int) = None,
                    knn_every: Param("the k-NN monitor (knn_top1 and feat_std in log.csv, on the test split) after every N-th epoch and the last; 0: none. "
-                                    "SSL methods and the supervised trainer (pmg and srgan have none); a resumed run keeps its own", int) = 1,
+                                    "SSL methods and the supervised and PMG trainers (srgan has none); a resumed run keeps its own", int) = 1,
                    no_knn: Param("no k-NN monitor (the same as --knn_every 0)", store_true) = False,
                    skip_bad: Param("leave unreadable images out of the run instead of stopping: listed in <out>/skipped.txt, counted in config.json and metrics.json", store_true) = False,
                    drop_optimizer: Param("SSL methods only: after the last epoch, drop the optimiser state from checkpoint.pth (a third of the size for Adam methods; the run cannot be extended then)", store_true) = False,

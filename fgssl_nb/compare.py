@@ -155,7 +155,8 @@ def run_entry(entry: dict, data='default', seed: int = 0, out='runs/compare', ep
               pretrained: bool | str = False, skip_bad: bool = False, run_kw: dict | None = None, device: str | None = None, knn: int = 0) -> dict:
     """Pretrain and evaluate one grid `entry` for one `seed` in `out/<slug>/seed<seed>`; returns its metrics row. `run_kw`:
     `pretrain_run` settings of the SSL entries (`RUN_KEYS`); `device`: where the evaluation runs (default: CUDA when there is a GPU); `knn`: the k-NN monitor in each
-    pretraining's `log.csv` every `knn` epochs and after the last (0: none; `fgssl_nb.curves` draws it)."""
+    pretraining's `log.csv` every `knn` epochs and after the last (0: none; `fgssl_nb.curves` draws it). Raises
+    `SettingMismatch` when the folder holds a run of other settings, or a finished training on other data (`_check_trained_on`)."""
     entry = resolve_entry(entry, entry.get('pretrained', pretrained))
     run = Path(out) / slug(entry['name']) / f'seed{seed}'
     _check_same_setting(run, data=data, **_expected(entry, arch, pretrained, size, bs, epochs))
@@ -170,8 +171,9 @@ def run_entry(entry: dict, data='default', seed: int = 0, out='runs/compare', ep
                          skip_bad=skip_bad, device=device, weights=weights)
         t1 = time.perf_counter()
     else:  # a training started now (fresh or resumed) has dropped the old metrics.json: what is left is of these weights
-        from fgssl_nb.check import check_for_run  # called alone (not from `run_grid`): numbers of a training on other images are refused here
-        _check_trained_on(run, check_for_run(data, None, skip_bad=skip_bad, verbose=False)[1], protocols)
+        if (run / 'encoder.pth').exists() or kept_record(run, protocols):  # a finished training to reuse: was it on these images?
+            from fgssl_nb.check import check_for_run  # (`run_grid` checked every entry up front; a call of its own is checked here)
+            _check_trained_on(run, check_for_run(data, None, skip_bad=skip_bad, verbose=False)[1], protocols)
         _pretrain_entry(entry, data, seed, run, s['epochs'], s['size'], s['bs'], precision, s['arch'], s['pretrained'], skip_bad, run_kw, knn=knn)
         m = run_metrics(run, protocols)
         if m is None: m, t1 = evaluate_run(run, data, protocols, skip_bad=skip_bad, device=device), time.perf_counter()

@@ -31,8 +31,9 @@ def _grid_names(grid: Path) -> dict[str, str]:
 
 def read_curves(runs, metrics=('knn_top1', 'feat_std')) -> pd.DataFrame:
     """One row per measured epoch of each run in `runs` (grid folders and/or run folders): `name`, `seed`, `epoch`
-    (epochs done), `of` (the epochs the run was started for, from its `config.json`; NaN where unknown: a run whose last
-    measured epoch is under it is still training, or stopped), `kind` ('curve', or 'baseline' for an evaluated-only
+    (epochs done at that measurement), `done` (the epochs in its `log.csv`: how far the run has got), `of` (the epochs it
+    was started for, from its `config.json`; NaN where unknown: a run with `done` under `of` is unfinished, still
+    training or stopped), `kind` ('curve', or 'baseline' for an evaluated-only
     encoder, at epoch 0) and `metrics`; a grid's entries in its `results.csv` order. With several grids, each name is prefixed by its grid's folder ('flowers17/simclr').
     `attrs['no_monitor']`: the trained runs whose `log.csv` has no `metrics[0]` (trained without the monitor)."""
     rows, no_monitor, order = [], [], {}
@@ -51,13 +52,13 @@ def read_curves(runs, metrics=('knn_top1', 'feat_std')) -> pd.DataFrame:
         if log.exists() and log.stat().st_size:
             df = pd.read_csv(log)
             if metrics[0] not in df: no_monitor.append(str(d)); continue
-            df = df[df[metrics[0]].notna()]
+            done, df = len(df), df[df[metrics[0]].notna()]
             for _, r in df.iterrows():
-                rows.append(dict(name=name, seed=seed, epoch=int(r['epoch']) + 1, of=of, kind='curve', **{m: r.get(m, np.nan) for m in metrics}))
+                rows.append(dict(name=name, seed=seed, epoch=int(r['epoch']) + 1, done=done, of=of, kind='curve', **{m: r.get(m, np.nan) for m in metrics}))
         elif (d / 'metrics.json').exists() and not (d / 'config.json').exists():  # a baseline: evaluated, never trained
             m = json.loads((d / 'metrics.json').read_text())
-            if metrics[0] in m: rows.append(dict(name=name, seed=seed, epoch=0, of=np.nan, kind='baseline', **{k: m.get(k, np.nan) for k in metrics}))
-    df = pd.DataFrame(rows, columns=['name', 'seed', 'epoch', 'of', 'kind', *metrics]).astype({'of': float, **{m: float for m in metrics}})
+            if metrics[0] in m: rows.append(dict(name=name, seed=seed, epoch=0, done=np.nan, of=np.nan, kind='baseline', **{k: m.get(k, np.nan) for k in metrics}))
+    df = pd.DataFrame(rows, columns=['name', 'seed', 'epoch', 'done', 'of', 'kind', *metrics]).astype({'done': float, 'of': float, **{m: float for m in metrics}})
     df = df.iloc[sorted(range(len(df)), key=lambda i: (order[df.name.iloc[i]], df.seed.iloc[i], df.epoch.iloc[i]))].reset_index(drop=True)
     df.attrs['no_monitor'] = no_monitor
     return df
@@ -106,26 +107,29 @@ def _crossings(g: pd.DataFrame, metric: str, level: float | None, running=()) ->
     cs = {k: crossing_epoch(s.epoch, s[metric], level) for k, s in g.sort_values('epoch').groupby('seed')}
     return ', '.join(str(c) if c is not None else 'not yet' if k in running else 'never' for k, c in cs.items())
 
-def _running(g: pd.DataFrame) -> tuple[pd.Series, pd.Series, list]:
-    "Per seed of one method's rows: last measured epoch, epochs it was started for, and the seeds still short of them."
-    done = g.groupby('seed').epoch.max()
-    of = g.groupby('seed')['of'].max() if 'of' in g else pd.Series(np.nan, index=done.index)
-    return done, of, [k for k in done.index if of[k] == of[k] and done[k] < of[k]]
+def _unfinished(g: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """One method's rows of `read_curves`: the rows to report (its finished seeds; all of them when none has finished)
+    and, per unfinished seed (fewer epochs `done` than it was started for, `of`), 'seed k: d of n epochs'."""
+    col = lambda c: g.groupby('seed')[c].max() if c in g else pd.Series(np.nan, index=sorted(g.seed.unique()))
+    done, of = col('done').fillna(g.groupby('seed').epoch.max()), col('of')
+    left = [k for k in done.index if of[k] == of[k] and done[k] < of[k]]
+    use = g[~g.seed.isin(left)] if len(left) < len(done) else g
+    return use, [f"seed {k}: {int(done[k])} of {int(of[k])} epochs" for k in left]
 
 def crossing_table(cur: pd.DataFrame, floor='auto', metric: str = 'knn_top1', clear: float = 0) -> pd.DataFrame:
     """Per trained entry of `read_curves`' table: seeds, epochs, final and best `metric` (mean over seeds; accuracies in %), and the
     epoch each seed crossed `floor` for good ('never': it ends at or below it; 'n/a': no floor). `floor`: a baseline's
     name, a value, None, or 'auto' (the only baseline among the runs). `clear=k` (a baseline of 2 or more seeds): a column
     more, the epoch from which each seed stays above the floor's mean + k standard deviations over its seeds.
-    A seed still training (its last measured epoch under the epochs it was started for, `read_curves`' `of`) is left out
-    of a method's numbers while the method has a finished seed, and listed in a column 'still training'; a method
-    with no finished seed shows where its runs are, their crossings 'not yet' instead of 'never'."""
+    An unfinished seed (fewer epochs in its log than it was started for: still training, or stopped) is left out of
+    its method's numbers while the method has a finished seed, and listed in a column 'unfinished'; a method with no
+    finished seed shows where its runs are (each seed at its own last measurement), crossings 'not yet' instead of 'never'."""
     fv, sd, rows = _floor_value(cur, floor, metric), floor_sd(cur, floor, metric), []
     if clear and sd is None: raise ValueError("clear= needs a floor that is one baseline evaluated for 2 or more seeds "
                                               "(name it, e.g. floor='random init', where the runs hold several baselines)")
     for name, g in cur[cur.kind == 'curve'].groupby('name', sort=False):
-        done, of, running = _running(g)
-        if len(running) < len(done): g = g[~g.seed.isin(running)]
+        g, left = _unfinished(g)
+        running = set(g.seed) if left and len(left) == g.seed.nunique() else set()
         last = g.sort_values('epoch').groupby('seed').tail(1)
         k, unit = _pct(metric), ' (%)' if _pct(metric) == 100 else ''
         rows.append({'method': name, 'seeds': g.seed.nunique(), 'epochs': int(g.epoch.max()),
@@ -133,9 +137,9 @@ def crossing_table(cur: pd.DataFrame, floor='auto', metric: str = 'knn_top1', cl
                      f'best {metric}{unit}': round(k * g.groupby('seed')[metric].max().mean(), 1 if k == 100 else 3),
                      'crosses the floor at epoch': _crossings(g, metric, fv, running),
                      **({f'clear of it (+{clear:g} sd) at epoch': _crossings(g, metric, fv + clear * sd, running)} if clear else {}),
-                     'still training': ', '.join(f"seed {k}: epoch {done[k]} of {int(of[k])}" for k in running)})
+                     'unfinished': ', '.join(left)})
     df = pd.DataFrame(rows)
-    if 'still training' in df and not df['still training'].astype(bool).any(): df = df.drop(columns='still training')
+    if 'unfinished' in df and not df['unfinished'].astype(bool).any(): df = df.drop(columns='unfinished')
     if fv is not None: df.attrs['floor'] = fv
     if sd is not None: df.attrs['floor_sd'] = sd
     return df
@@ -149,7 +153,8 @@ def table_markdown(df: pd.DataFrame) -> str:
 def plot_curves(cur, metric: str = 'knn_top1', floor='auto', ax=None, title: str | None = None):
     """k-NN top-1 (or another monitored `metric`: accuracies in %, others as logged) against epoch for `read_curves`' table
     (or the folders to read it from): mean over seeds with the seeds' range; baselines dashed; a dot where the mean curve
-    crossed `floor` for good (a number: drawn as a dashed line). The legend sits right of the axes."""
+    crossed `floor` for good (a number: drawn as a dashed line). A method's unfinished seeds are left out while it has a
+    finished one, as in `crossing_table` (the legend says so). The legend sits right of the axes."""
     import matplotlib.pyplot as plt
     if not isinstance(cur, pd.DataFrame): cur = read_curves(cur)
     ax = ax or plt.subplots(figsize=(7, 4))[1]
@@ -161,8 +166,12 @@ def plot_curves(cur, metric: str = 'knn_top1', floor='auto', ax=None, title: str
         if n > 1: ax.axhspan(k * g[metric].min(), k * g[metric].max(), color=c, alpha=0.12, lw=0)
     if _is_number(floor): ax.axhline(k * floor, ls='--', lw=1.2, c='0.35', label=f"floor ({k * floor:.1f})")
     for i, (name, g) in enumerate(cur[cur.kind == 'curve'].groupby('name', sort=False)):
+        total, (g, left) = g.seed.nunique(), _unfinished(g)
+        n, m = g.seed.nunique(), len(left)
+        note = ('unfinished' if m == total else f"{m} unfinished left out") if m else ''
         s = g.groupby('epoch')[metric].agg(['mean', 'min', 'max'])
-        (line,) = ax.plot(s.index, k * s['mean'], lw=1.5, label=name + (f" ({g.seed.nunique()} seeds)" if g.seed.nunique() > 1 else ''), c=f'C{i % 10}')
+        label = name + (f" ({', '.join(x for x in (f'{n} seeds' if n > 1 else '', note) if x)})" if n > 1 or note else '')
+        (line,) = ax.plot(s.index, k * s['mean'], lw=1.5, label=label, c=f'C{i % 10}')
         if g.seed.nunique() > 1: ax.fill_between(s.index, k * s['min'], k * s['max'], color=line.get_color(), alpha=0.15, lw=0)
         c = crossing_epoch(s.index, s['mean'], fv) if fv is not None else None
         if c is not None: ax.plot([c], [k * s['mean'][c]], 'o', c=line.get_color(), ms=5)

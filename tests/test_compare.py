@@ -3,7 +3,7 @@ import json, shutil, subprocess, sys
 import pytest
 from pathlib import Path
 import pandas as pd
-from fgssl_nb.compare import run_grid, summarize, results_markdown
+from fgssl_nb.compare import run_grid, run_entry, summarize, results_markdown
 
 BIN = Path(sys.executable).parent
 SMALL = dict(proj_hidden=32, proj_dim=16)
@@ -32,6 +32,8 @@ def test_failing_entry_is_recorded_and_the_grid_goes_on(birds, tmp_path):
     cfg_file.write_text(json.dumps({**cfg, 'data_check': {**cfg['data_check'], 'n_train': n - 1}}))
     with pytest.raises(SettingMismatch, match=f"a training on other data \\(n_train: {n - 1} then, {n} now\\)"):
         run_grid(grid[1:], birds, seeds=(0,), out=tmp_path, epochs=1, size=32, bs=8)
+    with pytest.raises(SettingMismatch, match='a training on other data'):  # one entry run on its own: the same refusal
+        run_entry(grid[1], birds, seed=0, out=tmp_path, epochs=1, size=32, bs=8)
     assert json.loads((run / 'metrics.json').read_text())['linear_top1'] == 0.123 and not (run / 'encoder.pth').exists()
     cfg_file.write_text(json.dumps(cfg))
     # an incomplete record is no record: trained again, and its old numbers are not reported beside the new weights
@@ -44,7 +46,6 @@ def test_failing_entry_is_recorded_and_the_grid_goes_on(birds, tmp_path):
     (run / 'metrics.json').write_text(json.dumps(dict(linear_top1=0.5)))
     with pytest.raises(SettingMismatch, match='a training on other data'):
         run_grid(grid[1:], birds, seeds=(0,), out=tmp_path, epochs=1, size=32, bs=8)
-    from fgssl_nb.compare import run_entry  # one entry run on its own is refused the same way
     with pytest.raises(SettingMismatch, match='a training on other data'):
         run_entry(grid[1], birds, seed=0, out=tmp_path, epochs=1, size=32, bs=8)
     assert (run / 'encoder.pth').exists() and json.loads((run / 'metrics.json').read_text()) == dict(linear_top1=0.5)
