@@ -113,3 +113,5 @@ def test_pmg_monitor_reads_its_encoder(birds, tmp_path):
     assert log.knn_top1.notna().all() and log.feat_std.notna().all()
     m = evaluate_run(tmp_path / 'p', birds, ('knn',))
     assert abs(log.knn_top1.iloc[-1] - m['knn_top1']) < 1e-6
+    # PMG's own numbers still land under their names with the monitor's metrics appended after them
+    assert (m['supervised_top1'], m['pmg_concat_top1']) == (log.pmg_top1.iloc[-1], log.concat_top1.iloc[-1])
