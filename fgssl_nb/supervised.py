@@ -102,6 +102,13 @@ def _fit_run(learn: Learner, out, epochs: int, lr, resume: bool, progress, confi
 def _no_views(views, method):
     if views is not None: raise ValueError(f"{method} uses its own light augmentation (crop + flip); drop --views")
 
+def _add_knn_monitor(learn, ds, size: int, bs: int, workers, every: int):
+    "Append the SSL runs' k-NN monitor of `learn`'s encoder (`knn_metrics`) every `every`-th epoch and the last; 0: none."
+    if not every: return
+    # the monitor reads DataLoaders of its own (under torchrun `learn.dls` become per-process shards)
+    kdls = labeled_dls(ds, size=size, bs=bs, num_workers=workers, verify=None)
+    learn.metrics = [*learn.metrics, *knn_metrics(learn, kdls, every=every)]
+
 @register_trainer('supervised')
 def train_supervised(ds, out, *, arch: str = 'resnet18', pretrained: bool = False, size: int = 64, bs: int = 32,
                      epochs: int = 30, lr: float | None = None, seed: int = 0, resume: bool = False, precision: str = 'auto',
@@ -118,9 +125,7 @@ def train_supervised(ds, out, *, arch: str = 'resnet18', pretrained: bool = Fals
     learn = supervised_learner(dls, arch, pretrained, size, head, scale, lr=lr or 2e-3, wd=wd,
                                encoder_lr_mult=encoder_lr_mult, precision=precision, run_dir=out)
     if cbs: learn.add_cbs(cbs)
-    if knn_every:  # the monitor reads DataLoaders of its own (under torchrun `dls` become per-process shards)
-        kdls = labeled_dls(ds, size=size, bs=bs, num_workers=workers, verify=None)
-        learn.metrics = [*learn.metrics, *knn_metrics(learn, kdls, every=knn_every)]
+    _add_knn_monitor(learn, ds, size, bs, workers, knn_every)
     cfg = dict(config or {}, method='supervised', arch=arch, pretrained=pretrained, size=size, bs=bs, seed=seed,
                head=head, scale=scale, wd=wd, encoder_lr_mult=encoder_lr_mult, n_train=len(ds.train_idxs))
     return _fit_run(learn, out, epochs, lr or learn.run_state.default_lr, resume, progress, cfg, ['supervised_top1'])
@@ -251,7 +256,7 @@ def train_pmg(ds, out, *, arch: str = 'resnet18', pretrained: bool = False, size
     learn = pmg_learner(dls, arch, pretrained, size, width, scale, lr=lr or 2e-3, wd=wd, encoder_lr_mult=encoder_lr_mult,
                         precision=precision, run_dir=out)
     if cbs: learn.add_cbs(cbs)
-    if knn_every: learn.metrics = [*learn.metrics, *knn_metrics(learn, labeled_dls(ds, size=size, bs=bs, num_workers=workers, verify=None), every=knn_every)]
+    _add_knn_monitor(learn, ds, size, bs, workers, knn_every)
     cfg = dict(config or {}, method='pmg', arch=arch, pretrained=pretrained, size=size, bs=bs, seed=seed, width=width,
                scale=scale, wd=wd, encoder_lr_mult=encoder_lr_mult, n_train=len(ds.train_idxs))
     return _fit_run(learn, out, epochs, lr or learn.run_state.default_lr, resume, progress, cfg, ['supervised_top1', 'pmg_concat_top1'])
