@@ -55,3 +55,29 @@ def one_thread():
     old = torch.get_num_threads(); torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+import json, subprocess, sys, types
+
+
+class CLIBatch:
+    """Runs all the commands of a parameter list in one Python process, once, and hands each parametrized test the
+    result of its own: one import of torch and fastai (about 6 s on 2 cores) instead of one per command. For commands
+    that stop on a bad argument; anything that trains or reads data belongs in a process of its own. '{tmp}' in a
+    command is a fresh folder of its own."""
+    def __init__(self, factory): self.factory, self.done = factory, {}
+
+    def __call__(self, commands: list, i: int):
+        "(result with `returncode`, `stdout`, `stderr`; its '{tmp}' folder) of `commands[i]`."
+        key = json.dumps([[str(a) for a in c] for c in commands])
+        if key not in self.done:
+            tmps = [self.factory.mktemp('cli') for _ in commands]
+            argvs = [[str(a).replace('{tmp}', str(t)) for a in c] for c, t in zip(commands, tmps)]
+            r = subprocess.run([sys.executable, str(Path(__file__).parent / 'cli_driver.py')], input=json.dumps(argvs), capture_output=True, text=True, timeout=600)
+            assert r.returncode == 0, r.stderr[-2000:]
+            self.done[key] = [(types.SimpleNamespace(**x), t) for x, t in zip(json.loads(r.stdout.rsplit('@@results@@', 1)[1]), tmps)]
+        return self.done[key][i]
+
+
+@pytest.fixture(scope='session')
+def cli_batch(tmp_path_factory): return CLIBatch(tmp_path_factory)

@@ -36,15 +36,18 @@ def test_demo_keeps_existing_files(birds, tmp_path):
     assert (out / 'metrics.json').read_text() == '{"keep": 1}'
 
 
-@pytest.mark.parametrize('args,msg', [
+DEMO_BAD_ARGUMENTS = [
     (['--data', '/no/such/folder'], 'error: data folder /no/such/folder does not exist'),
     (['--size', '0'], 'error: --size must be at least 16 px, got 0'),
     (['--method', 'swav'], "error: unknown method 'swav'"),
     (['--views', 'rainbow', '--epochs', '1'], "error: unknown views 'rainbow'"),
-])
-def test_demo_bad_arguments(args, msg, tmp_path):
-    r = run('fgssl_demo', '--out', tmp_path / 'x', *args)
-    assert r.returncode == 2 and r.stderr.strip().startswith(msg), r.stderr
+]
+
+
+@pytest.mark.parametrize('i', range(len(DEMO_BAD_ARGUMENTS)), ids=[' '.join(a) for a, _ in DEMO_BAD_ARGUMENTS])
+def test_demo_bad_arguments(cli_batch, i):
+    r, _ = cli_batch([['fgssl_demo', '--out', '{tmp}/x', *a] for a, _ in DEMO_BAD_ARGUMENTS], i)
+    assert r.returncode == 2 and r.stderr.strip().startswith(DEMO_BAD_ARGUMENTS[i][1]), r.stderr
     assert 'Traceback' not in r.stderr
 
 

@@ -79,15 +79,20 @@ def test_pretrain_dry_run_prints_and_writes_nothing(tmp_path):
     assert not (tmp_path / 'r').exists()
 
 
-@pytest.mark.parametrize('args,msg', [
+BAD_SETTINGS = [
     (['--arch', 'efficientnet_lite0', '--weights', 'V1'], 'only the torchvision encoders'),
     (['--arch', 'resnet18', '--weights', 'V2'], "torchvision's resnet18 has V1 only"),
     (['--arch', 'resnet50', '--weights', 'V7'], '--weights must be V1 or V2'),
     (['--ssl_holdout', 1.0], '--ssl_holdout must be a fraction in [0, 1)'),
     (['--crop_from', 0.5], '--crop_from must be at least 1'),
-])
-def test_pretrain_bad_settings_one_line(args, msg, tmp_path):
-    r = run('fgssl_pretrain', '--method', 'moco', '--data', tmp_path / 'no_data', '--out', tmp_path / 'r', *args)
+]
+
+
+@pytest.mark.parametrize('i', range(len(BAD_SETTINGS)), ids=[' '.join(map(str, a)) for a, _ in BAD_SETTINGS])
+def test_pretrain_bad_settings_one_line(cli_batch, i):
+    "Refused in one line before the (missing) data are read; all five in one process (`cli_batch`)."
+    r, _ = cli_batch([['fgssl_pretrain', '--method', 'moco', '--data', '{tmp}/no_data', '--out', '{tmp}/r', *a] for a, _ in BAD_SETTINGS], i)
+    msg = BAD_SETTINGS[i][1]
     assert r.returncode == 2 and msg in r.stderr and 'Traceback' not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 

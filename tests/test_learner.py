@@ -197,7 +197,7 @@ def test_cli_pretrain_eval_and_refusals(birds, tmp_path):
     assert f.returncode == 0 and json.loads((tmp_path / 'floor' / 'metrics.json').read_text())['method'] == 'random-init'
 
 
-@pytest.mark.parametrize('args,msg', [
+BAD_ARGUMENTS = [
     (['fgssl_pretrain', '--method', 'swav'], "error: unknown method 'swav'; choose from byol, "),
     (['fgssl_pretrain', '--kw', 'tau=0.1', '--out', '{tmp}/kw'], "error: simclr has no option tau; its options: proj_dim, proj_hidden, temperature"),
     (['fgssl_pretrain', '--kw', 'tau', '--out', '{tmp}/kw2'], "error: --kw expects key=value pairs, got 'tau'"),
@@ -210,12 +210,15 @@ def test_cli_pretrain_eval_and_refusals(birds, tmp_path):
     (['fgssl_eval', '{tmp}/nope'], 'error: run folder {tmp}/nope does not exist'),
     (['fgssl_eval', '--encoder', 'random'], 'error: --encoder random/imagenet needs --out'),
     (['fgssl_eval', '{tmp}', '--protocols', 'svm'], "error: unknown protocol 'svm'"),
-])
-def test_cli_bad_arguments(tmp_path, args, msg):
-    args = [a.replace('{tmp}', str(tmp_path)) for a in args]
-    r = subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, timeout=300)
+]
+
+
+@pytest.mark.parametrize('i', range(len(BAD_ARGUMENTS)), ids=[' '.join(a) for a, _ in BAD_ARGUMENTS])
+def test_cli_bad_arguments(cli_batch, i):
+    "Each command stops with exit code 2 and one line that names the problem (all run in one process: `cli_batch`)."
+    r, tmp = cli_batch([a for a, _ in BAD_ARGUMENTS], i)
     assert r.returncode == 2, (r.returncode, r.stderr[-500:])
-    assert r.stderr.strip().splitlines()[-1].startswith(msg.replace('{tmp}', str(tmp_path))), r.stderr[-500:]
+    assert r.stderr.strip().splitlines()[-1].startswith(BAD_ARGUMENTS[i][1].replace('{tmp}', str(tmp))), r.stderr[-500:]
     assert 'Traceback' not in r.stderr
 
 
