@@ -15,7 +15,7 @@ from .cli import pretrain_run, evaluate_run, scale_lr, METRIC_COLS, user_errors,
 # %% auto #0
 __all__ = ['SYSTEM1_VIEWS', 'GRIDS', 'PAPER_MOCO', 'PAPER_SIMSIAM', 'PRESETS', 'RUN_DEFAULTS', 'RUN_KEYS', 'METRICS',
            'apply_methods', 'resolve_entry', 'slug', 'SettingMismatch', 'entry_settings', 'run_entry', 'kept_record',
-           'run_metrics', 'run_grid', 'summarize', 'results_markdown', 'plot_results', 'fgssl_compare']
+           'run_metrics', 'run_grid', 'summarize', 'results_markdown', 'plot_results', 'claims_table', 'fgssl_compare']
 
 # %% ../nbs/50_compare.ipynb #756ababd
 SYSTEM1_VIEWS = ('gamma', 'dropout', 'regions', 'patchswap', 'dcl', 'jigsaw')
@@ -357,6 +357,25 @@ def plot_results(summary: pd.DataFrame, metric: str = 'linear_top1', ax=None, fl
     if floor in summary.index: ax.axhline(v[floor], ls='--', c='0.4', lw=1)
     ax.set_xticks(range(len(v)), summary.index, rotation=40, ha='right'); ax.set_ylabel(dict(METRIC_COLS).get(metric, metric) + ' (%)')
     return ax
+
+# %% ../nbs/50_compare.ipynb #52958072
+def claims_table(df: pd.DataFrame, claims, metrics=('linear_top1', 'knn_top1', 'retrieval_map')) -> pd.DataFrame:
+    """Each claim `(a, b)`, "entry a ranks above entry b", checked on `run_grid`'s rows `df`, per metric: the mean gap
+    a - b in points over the seeds both have, and in how many of them a was above b. `verdict`: 'held' (above in every
+    seed on every metric), 'reversed' (below in every one), 'mixed' otherwise."""
+    names, rows = dict(METRIC_COLS), []
+    for a, b in claims:
+        pa, pb = (df[df.name == n].set_index('seed') for n in (a, b))
+        seeds = pa.index.intersection(pb.index)
+        if not len(seeds): raise ValueError(f"no seed has both {a!r} and {b!r}; entries: {list(dict.fromkeys(df.name))}")
+        row, gaps = {'claim': f"{a} > {b}", 'seeds': len(seeds)}, []
+        for m in metrics:
+            d = 100 * (pa.loc[seeds, m] - pb.loc[seeds, m])
+            row[names.get(m, m)] = f"{round(d.mean(), 1) + 0:+.1f} ({int((d > 0).sum())}/{len(d)})"  # + 0: no "-0.0"
+            gaps += list(d)
+        row['verdict'] = 'held' if all(g > 0 for g in gaps) else 'reversed' if all(g < 0 for g in gaps) else 'mixed'
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 # %% ../nbs/50_compare.ipynb #5bffdaa2
 @call_parse
