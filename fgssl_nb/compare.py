@@ -362,8 +362,12 @@ def plot_results(summary: pd.DataFrame, metric: str = 'linear_top1', ax=None, fl
 def claims_table(df: pd.DataFrame, claims, metrics=('linear_top1', 'knn_top1', 'retrieval_map')) -> pd.DataFrame:
     """Each claim `(a, b)`, "entry a ranks above entry b", checked on `run_grid`'s rows `df`, per metric: the mean gap
     a - b in points over the seeds both have, and in how many of them a was above b. `verdict`: 'held' (above in every
-    seed on every metric), 'reversed' (below in every one), 'mixed' otherwise."""
+    seed on every metric), 'reversed' (below in every one), 'mixed' otherwise. A missing value or a repeated
+    (name, seed) row is an error, not a silent 'mixed'."""
     names, rows = dict(METRIC_COLS), []
+    if absent := [m for m in metrics if m not in df]: raise ValueError(f"no column {absent} in the rows")
+    dup = df[df.duplicated(['name', 'seed'], keep=False)]
+    if len(dup): raise ValueError(f"repeated (name, seed) rows: {sorted(set(zip(dup.name, dup.seed)))}")
     for a, b in claims:
         pa, pb = (df[df.name == n].set_index('seed') for n in (a, b))
         seeds = pa.index.intersection(pb.index)
@@ -371,6 +375,7 @@ def claims_table(df: pd.DataFrame, claims, metrics=('linear_top1', 'knn_top1', '
         row, gaps = {'claim': f"{a} > {b}", 'seeds': len(seeds)}, []
         for m in metrics:
             d = 100 * (pa.loc[seeds, m] - pb.loc[seeds, m])
+            if d.isna().any(): raise ValueError(f"{m} is missing for {a!r} or {b!r} at seed(s) {list(d.index[d.isna()])}")
             row[names.get(m, m)] = f"{round(d.mean(), 1) + 0:+.1f} ({int((d > 0).sum())}/{len(d)})"  # + 0: no "-0.0"
             gaps += list(d)
         row['verdict'] = 'held' if all(g > 0 for g in gaps) else 'reversed' if all(g < 0 for g in gaps) else 'mixed'
