@@ -14,8 +14,9 @@ from .cli import pretrain_run, evaluate_run, scale_lr, METRIC_COLS, user_errors,
 
 # %% auto #0
 __all__ = ['SYSTEM1_VIEWS', 'GRIDS', 'PAPER_MOCO', 'PAPER_SIMSIAM', 'PRESETS', 'RUN_DEFAULTS', 'RUN_KEYS', 'METRICS',
-           'apply_methods', 'resolve_entry', 'slug', 'SettingMismatch', 'entry_settings', 'run_entry', 'kept_record',
-           'run_metrics', 'run_grid', 'summarize', 'results_markdown', 'plot_results', 'claims_table', 'fgssl_compare']
+           'PAPER_CLAIMS', 'apply_methods', 'resolve_entry', 'slug', 'SettingMismatch', 'entry_settings', 'run_entry',
+           'kept_record', 'run_metrics', 'run_grid', 'summarize', 'results_markdown', 'plot_results', 'claims_table',
+           'grid_claims', 'fgssl_compare']
 
 # %% ../nbs/50_compare.ipynb #756ababd
 SYSTEM1_VIEWS = ('gamma', 'dropout', 'regions', 'patchswap', 'dcl', 'jigsaw')
@@ -382,6 +383,16 @@ def claims_table(df: pd.DataFrame, claims, metrics=('linear_top1', 'knn_top1', '
         rows.append(row)
     return pd.DataFrame(rows)
 
+# %% ../nbs/50_compare.ipynb #7fc5b6bf
+_SYSTEM1_CLAIMS = [('pmg', 'srgan'), ('srgan', 'simclr + gamma'), ('simclr + gamma', 'simclr'), ('simclr', 'jigsaw'),
+                   ('jigsaw', 'random init'), ('simclr', 'random init')]
+PAPER_CLAIMS: dict[str, list[tuple[str, str]]] = {'system1': _SYSTEM1_CLAIMS, 'system1-paper': _SYSTEM1_CLAIMS}
+
+def grid_claims(df: pd.DataFrame, grid: str, metrics=('linear_top1', 'knn_top1', 'retrieval_map')) -> pd.DataFrame | None:
+    "`claims_table` of the claims of `PAPER_CLAIMS[grid]` whose two entries share a seed in `df`; None when none does."
+    claims = [(a, b) for a, b in PAPER_CLAIMS.get(grid, []) if set(df.seed[df.name == a]) & set(df.seed[df.name == b])]
+    return claims_table(df, claims, metrics) if claims else None
+
 # %% ../nbs/50_compare.ipynb #5bffdaa2
 @call_parse
 def fgssl_compare(grid: Param(f"which comparison: {', '.join(GRIDS)} (default: system1, or the --preset's)", str) = None,
@@ -441,6 +452,13 @@ def fgssl_compare(grid: Param(f"which comparison: {', '.join(GRIDS)} (default: s
         try: atomic_write_text(out / 'results.md', md + '\n', hint='run the same command again (nothing is retrained)')
         except user_errors() as e: die(str(e))
         print(md)
+        try: claims = grid_claims(df, grid)
+        except ValueError as e: print(f"note: the paper's ranking is not checked: {e}")
+        else:
+            if claims is not None:
+                from fgssl_nb.curves import table_markdown
+                print("\nthe paper's ranking, claim by claim (mean gap in points; in how many seeds it held):")
+                print(table_markdown(claims))
         import matplotlib.pyplot as plt
         ax = plot_results(s, floor='imagenet (frozen)' if pretrained else 'random init'); ax.figure.savefig(out / 'results.png', dpi=90, bbox_inches='tight'); plt.close(ax.figure)
         from fgssl_nb.curves import read_curves, plot_curves, crossing_table, table_markdown, floor_sd

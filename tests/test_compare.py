@@ -59,16 +59,24 @@ def test_failing_entry_is_recorded_and_the_grid_goes_on(birds, tmp_path):
 
 
 def test_cli_compare_end_to_end(birds, tmp_path):
-    r = subprocess.run([str(BIN / 'fgssl_compare'), '--grid', 'system1', '--data', str(birds), '--only', 'random init',
-                        '--seeds', '0', '1', '--size', '32', '--bs', '8', '--out', str(tmp_path)],
+    r = subprocess.run([str(BIN / 'fgssl_compare'), '--grid', 'system1', '--data', str(birds), '--only', 'random init', 'simclr',
+                        '--seeds', '0', '1', '--size', '32', '--bs', '8', '--epochs', '1', '--out', str(tmp_path)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-800:]
     df = pd.read_csv(tmp_path / 'results.csv')
-    assert list(df.seed) == [0, 1] and (tmp_path / 'results.png').exists()
+    assert sorted(zip(df.name, df.seed)) == [('random init', 0), ('random init', 1), ('simclr', 0), ('simclr', 1)]
+    assert (tmp_path / 'results.png').exists()
     s = summarize(df)
     assert s.loc['random init', 'seeds'] == 2
     assert results_markdown(s).splitlines()[2].startswith('| random init | 2 |')
     assert '| random init | 2 |' in r.stdout
+    # the paper's ranking: only the claim whose two entries ran, its gaps computed from the rows written
+    lin = df.set_index(['name', 'seed']).linear_top1
+    gap = 100 * (lin['simclr'] - lin['random init'])
+    row = next(l for l in r.stdout.splitlines() if l.startswith('| simclr > random init |'))
+    cells = [c.strip() for c in row.strip('|').split('|')]
+    assert cells[1] == '2' and cells[2] == f"{round(gap.mean(), 1) + 0:+.1f} ({int((gap > 0).sum())}/2)", row
+    assert r.stdout.count(' > ') == 1  # no claim about entries that did not run
     bad = subprocess.run([str(BIN / 'fgssl_compare'), '--grid', 'nope'], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().endswith("choose from system1, system2, alpha, lcr, curves, system1-paper")
 
