@@ -15,8 +15,8 @@ from .cli import pretrain_run, evaluate_run, scale_lr, METRIC_COLS, user_errors,
 # %% auto #0
 __all__ = ['SYSTEM1_VIEWS', 'GRIDS', 'PAPER_MOCO', 'PAPER_SIMSIAM', 'PRESETS', 'RUN_DEFAULTS', 'RUN_KEYS', 'METRICS',
            'PAPER_CLAIMS', 'apply_methods', 'resolve_entry', 'slug', 'SettingMismatch', 'entry_settings', 'run_entry',
-           'kept_record', 'run_metrics', 'run_grid', 'summarize', 'results_markdown', 'plot_results', 'claims_table',
-           'grid_claims', 'fgssl_compare']
+           'kept_record', 'run_metrics', 'run_grid', 'summarize', 'results_markdown', 'plot_results', 'ClaimsError',
+           'claims_table', 'grid_claims', 'fgssl_compare']
 
 # %% ../nbs/50_compare.ipynb #756ababd
 SYSTEM1_VIEWS = ('gamma', 'dropout', 'regions', 'patchswap', 'dcl', 'jigsaw')
@@ -360,23 +360,26 @@ def plot_results(summary: pd.DataFrame, metric: str = 'linear_top1', ax=None, fl
     return ax
 
 # %% ../nbs/50_compare.ipynb #52958072
+class ClaimsError(ValueError):
+    "Rows that cannot answer a claim: a metric missing, a repeated (name, seed) row, no seed in common."
+
 def claims_table(df: pd.DataFrame, claims, metrics=('linear_top1', 'knn_top1', 'retrieval_map')) -> pd.DataFrame:
     """Each claim `(a, b)`, "entry a ranks above entry b", checked on `run_grid`'s rows `df`, per metric: the mean gap
     a - b in points over the seeds both have, and in how many of them a was above b. `verdict`: 'held' (above in every
     seed on every metric), 'reversed' (below in every one), 'mixed' otherwise. A missing value or a repeated
     (name, seed) row is an error, not a silent 'mixed'."""
     names, rows = dict(METRIC_COLS), []
-    if absent := [m for m in metrics if m not in df]: raise ValueError(f"no column {absent} in the rows")
+    if absent := [m for m in metrics if m not in df]: raise ClaimsError(f"no column {absent} in the rows")
     dup = df[df.duplicated(['name', 'seed'], keep=False)]
-    if len(dup): raise ValueError(f"repeated (name, seed) rows: {sorted(set(zip(dup.name, dup.seed)))}")
+    if len(dup): raise ClaimsError(f"repeated (name, seed) rows: {sorted(set(zip(dup.name, dup.seed)))}")
     for a, b in claims:
         pa, pb = (df[df.name == n].set_index('seed') for n in (a, b))
         seeds = pa.index.intersection(pb.index)
-        if not len(seeds): raise ValueError(f"no seed has both {a!r} and {b!r}; entries: {list(dict.fromkeys(df.name))}")
+        if not len(seeds): raise ClaimsError(f"no seed has both {a!r} and {b!r}; entries: {list(dict.fromkeys(df.name))}")
         row, gaps = {'claim': f"{a} > {b}", 'seeds': len(seeds)}, []
         for m in metrics:
             d = 100 * (pa.loc[seeds, m] - pb.loc[seeds, m])
-            if d.isna().any(): raise ValueError(f"{m} is missing for {a!r} or {b!r} at seed(s) {list(d.index[d.isna()])}")
+            if d.isna().any(): raise ClaimsError(f"{m} is missing for {a!r} or {b!r} at seed(s) {list(d.index[d.isna()])}")
             row[names.get(m, m)] = f"{round(d.mean(), 1) + 0:+.1f} ({int((d > 0).sum())}/{len(d)})"  # + 0: no "-0.0"
             gaps += list(d)
         row['verdict'] = 'held' if all(g > 0 for g in gaps) else 'reversed' if all(g < 0 for g in gaps) else 'mixed'
@@ -417,7 +420,9 @@ def fgssl_compare(grid: Param(f"which comparison: {', '.join(GRIDS)} (default: s
                   device: Param("where the evaluations run: cpu, cuda, cuda:N (default: cuda when there is a GPU)", str) = None,
                   knn_every: Param("the k-NN monitor in each pretraining's log.csv after every N-th epoch and the last, drawn in curves.png (default 0: none, or the preset's)", int) = None,
                   dry_run: Param("print every entry's resolved configuration and stop (nothing is trained or read)", store_true) = False):
-    "Run a comparison grid (pretrain + evaluate each entry for each seed) and print its table."
+    """Run a comparison grid (pretrain + evaluate each entry for each seed) and print its table (into `results.md` too),
+    with the paper's ranking checked claim by claim where the grid has one (`grid_claims`) and, with the k-NN monitor,
+    the epoch each run crossed the floor."""
     matplotlib.use('Agg')
     if preset is not None and preset not in PRESETS: die(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     given = dict(grid=grid, arch=arch, size=size, bs=bs, epochs=epochs, pretrained=weights or pretrained or None,
@@ -453,12 +458,15 @@ def fgssl_compare(grid: Param(f"which comparison: {', '.join(GRIDS)} (default: s
         except user_errors() as e: die(str(e))
         print(md)
         try: claims = grid_claims(df, grid)
-        except ValueError as e: print(f"note: the paper's ranking is not checked: {e}")
+        except ClaimsError as e: print(f"note: the paper's ranking is not checked: {e}")
         else:
             if claims is not None:
                 from fgssl_nb.curves import table_markdown
-                print("\nthe paper's ranking, claim by claim (mean gap in points; in how many seeds it held):")
-                print(table_markdown(claims))
+                claims_md = ("\n\nThe paper's ranking, claim by claim (mean gap in points over the seeds both entries have; "
+                       "in how many of them it held):\n\n" + table_markdown(claims))
+                print(claims_md[1:])  # one blank line on the console, as between the tables of results.md
+                try: atomic_write_text(out / 'results.md', md + claims_md + '\n', hint='run the same command again (nothing is retrained)')
+                except user_errors() as e: die(str(e))
         import matplotlib.pyplot as plt
         ax = plot_results(s, floor='imagenet (frozen)' if pretrained else 'random init'); ax.figure.savefig(out / 'results.png', dpi=90, bbox_inches='tight'); plt.close(ax.figure)
         from fgssl_nb.curves import read_curves, plot_curves, crossing_table, table_markdown, floor_sd
@@ -471,4 +479,5 @@ def fgssl_compare(grid: Param(f"which comparison: {', '.join(GRIDS)} (default: s
             floor = floor if (cur[cur.kind == 'baseline'].name == floor).any() else None  # a grid without its floor: curves only
             ax = plot_curves(cur, floor=floor); ax.figure.savefig(out / 'curves.png', dpi=90, bbox_inches='tight'); plt.close(ax.figure)
             sd = floor_sd(cur, floor, 'knn_top1')  # the floor's spread over its seeds (None: one seed; 0: a fixed encoder)
+            print("\nk-NN monitor: the epoch each run crossed the floor for good (curves.png):")
             print(table_markdown(crossing_table(cur, floor=floor, clear=2 if sd else 0)))  # and clear of that spread

@@ -73,10 +73,12 @@ def test_cli_compare_end_to_end(birds, tmp_path):
     # the paper's ranking: only the claim whose two entries ran, its gaps computed from the rows written
     lin = df.set_index(['name', 'seed']).linear_top1
     gap = 100 * (lin['simclr'] - lin['random init'])
-    row = next(l for l in r.stdout.splitlines() if l.startswith('| simclr > random init |'))
+    row = next((l for l in r.stdout.splitlines() if l.startswith('| simclr > random init |')), None)
+    assert row, r.stdout[-2000:]
     cells = [c.strip() for c in row.strip('|').split('|')]
     assert cells[1] == '2' and cells[2] == f"{round(gap.mean(), 1) + 0:+.1f} ({int((gap > 0).sum())}/2)", row
     assert r.stdout.count(' > ') == 1  # no claim about entries that did not run
+    assert row in (tmp_path / 'results.md').read_text()  # kept beside the table
     bad = subprocess.run([str(BIN / 'fgssl_compare'), '--grid', 'nope'], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().endswith("choose from system1, system2, alpha, lcr, curves, system1-paper")
 
