@@ -453,23 +453,18 @@ def fgssl_compare(grid: Param(f"which comparison: {', '.join(GRIDS)} (default: s
         df, order = pd.read_csv(f), {resolve_entry(e, pretrained)['name']: i for i, e in enumerate(GRIDS[grid])}
         df = df.iloc[sorted(range(len(df)), key=lambda i: (order.get(df.name.iloc[i], len(order)), df.seed.iloc[i]))]
     if len(df):
+        from fgssl_nb.curves import read_curves, plot_curves, crossing_table, table_markdown, floor_sd
         s = summarize(df); md = results_markdown(s)
+        try: claims = grid_claims(df, grid)
+        except ClaimsError as e: claims = None; print(f"note: the paper's ranking is not checked: {e}")
+        if claims is not None:  # the paper's ranking under the table, on the console and in results.md
+            md += ("\n\nThe paper's ranking, claim by claim (mean gap in points over the seeds both entries have; "
+                   "in how many of them it held):\n\n" + table_markdown(claims))
         try: atomic_write_text(out / 'results.md', md + '\n', hint='run the same command again (nothing is retrained)')
         except user_errors() as e: die(str(e))
         print(md)
-        try: claims = grid_claims(df, grid)
-        except ClaimsError as e: print(f"note: the paper's ranking is not checked: {e}")
-        else:
-            if claims is not None:
-                from fgssl_nb.curves import table_markdown
-                claims_md = ("\n\nThe paper's ranking, claim by claim (mean gap in points over the seeds both entries have; "
-                       "in how many of them it held):\n\n" + table_markdown(claims))
-                print(claims_md[1:])  # one blank line on the console, as between the tables of results.md
-                try: atomic_write_text(out / 'results.md', md + claims_md + '\n', hint='run the same command again (nothing is retrained)')
-                except user_errors() as e: die(str(e))
         import matplotlib.pyplot as plt
         ax = plot_results(s, floor='imagenet (frozen)' if pretrained else 'random init'); ax.figure.savefig(out / 'results.png', dpi=90, bbox_inches='tight'); plt.close(ax.figure)
-        from fgssl_nb.curves import read_curves, plot_curves, crossing_table, table_markdown, floor_sd
         cur = read_curves(out)
         if knn and cur.attrs['no_monitor']:
             print(f"note: {len(cur.attrs['no_monitor'])} run(s) here were trained without the k-NN monitor and have no curve: "
